@@ -1,0 +1,1 @@
+"""soupflow: a DICOM workflow runtime for Integration Soup workflow files."""

@@ -1,0 +1,5 @@
+import sys
+
+from soupflow.cli import main
+
+sys.exit(main())

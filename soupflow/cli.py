@@ -1,0 +1,226 @@
+"""The `soupflow` command: the only place that prints. Downstream: workflow.*.
+
+`soupflow --help` and `soupflow COMMAND --help` are the user's manual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+from rich.console import Console
+
+from soupflow.workflow import diff, fmt, schema
+from soupflow.workflow.jsonpos import JsonSyntaxError, parse
+from soupflow.workflow.load import load_paths, workflow_paths
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+_GIT_DIFF_ARGUMENTS = 7  # path old-file old-hex old-mode new-file new-hex new-mode
+
+
+def _say(console: Console, text: str, style: str | None = None) -> None:
+    console.print(text, markup=False, style=style)
+
+
+# ------------------------------------------------------------------------------- validate
+def _validate(args: argparse.Namespace) -> int:
+    workflows = load_paths(args.paths)
+    issues = [issue for loaded in workflows for issue in loaded.issues]
+    errors = sum(issue.severity == "error" for issue in issues)
+    warnings = len(issues) - errors
+    if args.json:
+        _say(_out, json.dumps([issue.as_json() for issue in issues], indent=2, ensure_ascii=False))
+    else:
+        for issue in issues:
+            _say(_out, str(issue), "red" if issue.severity == "error" else "yellow")
+        if not workflows:
+            _say(_err, "no workflow files found (.json, .hl7Workflow, .soupworkflow)", "yellow")
+        elif issues:
+            _say(_err, f"{errors} error(s), {warnings} warning(s) in {len(workflows)} file(s)")
+        else:
+            _say(_err, f"{len(workflows)} file(s) valid", "green")
+    failed = errors > 0 or (args.strict and warnings > 0)
+    return EXIT_PROBLEMS if failed else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ fmt
+def _fmt(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in workflow_paths(args.paths):
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+            parsed = parse(text)
+        except (OSError, UnicodeDecodeError) as exc:
+            _say(_err, f"{path}: cannot read: {exc}", "red")
+            status = EXIT_PROBLEMS
+            continue
+        except JsonSyntaxError as exc:
+            where = f"{path}:{exc.position.line}:{exc.position.column}"
+            _say(_err, f"{where}: not valid JSON: {exc.message} (left unchanged)", "red")
+            status = EXIT_PROBLEMS
+            continue
+        if parsed.duplicate_keys:
+            _say(
+                _err,
+                f"{path}: {parsed.duplicate_keys[0]}: key appears twice; fix it first (left unchanged)",
+                "red",
+            )
+            status = EXIT_PROBLEMS
+            continue
+        formatted = fmt.format_document(parsed.value)
+        if formatted == text:
+            continue
+        if args.check:
+            _say(_out, f"would reformat {path}")
+            status = EXIT_PROBLEMS
+        else:
+            _write_atomically(path, formatted)
+            _say(_out, f"reformatted {path}")
+    return status
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: no reader sees half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------- diff
+def _read_document(name: str) -> object:
+    if name == os.devnull:
+        return None
+    return parse(Path(name).read_text(encoding="utf-8-sig")).value
+
+
+def _diff(args: argparse.Namespace) -> int:
+    files = args.files
+    as_git_driver = len(files) == _GIT_DIFF_ARGUMENTS
+    if len(files) not in (2, _GIT_DIFF_ARGUMENTS):
+        _say(
+            _err, "soupflow diff takes OLD NEW (or the 7 arguments git passes a diff driver)", "red"
+        )
+        return EXIT_USAGE
+    old_name, new_name = (files[1], files[4]) if as_git_driver else (files[0], files[1])
+    try:
+        old, new = _read_document(old_name), _read_document(new_name)
+    except OSError as exc:
+        _say(_err, f"cannot read {exc.filename}: {exc.strerror}", "red")
+        return EXIT_USAGE
+    except JsonSyntaxError as exc:
+        _say(
+            _err,
+            f"not valid JSON at {exc.position.line}:{exc.position.column}: {exc.message}",
+            "red",
+        )
+        return EXIT_USAGE
+    lines = diff.diff_documents(old, new)
+    title = files[0] if as_git_driver else f"{old_name} -> {new_name}"
+    _say(_out, f"soupflow diff {title}", "bold")
+    for line in lines or ["no semantic changes"]:
+        style = {"+": "green", "-": "red", "~": "yellow"}.get(line.lstrip()[:1])
+        _say(_out, line, style)
+    # git stops at a diff driver that exits non-zero, so only the plain form reports changes.
+    return EXIT_PROBLEMS if lines and not as_git_driver else EXIT_OK
+
+
+# --------------------------------------------------------------------------------- schema
+def _schema(args: argparse.Namespace) -> int:
+    if args.check:
+        stale = schema.stale_files(args.out)
+        for name in stale:
+            _say(
+                _err,
+                f"{args.out / name} is out of date with the model: run `soupflow schema`",
+                "red",
+            )
+        return EXIT_PROBLEMS if stale else EXIT_OK
+    for name in schema.write_files(args.out):
+        _say(_out, f"wrote {args.out / name}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soupflow",
+        description="A DICOM workflow runtime for Integration Soup workflow files.",
+    )
+    parser.add_argument("--version", action="version", version=f"soupflow {version('soupflow')}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check workflow files and folders",
+        description="Check workflow files (and every workflow file in the folders given): "
+        "the schema, links between settings, AE titles, paths, templates, and, across the "
+        "files given, that each WorkflowId and port is used once. Prints one line per "
+        "problem as FILE:LINE:COL: /json/pointer: error|warning: message (hint). Exit 0 when "
+        "valid, 1 when a file has errors (or warnings, with --strict).",
+    )
+    validate.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    validate.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    validate.add_argument("--json", action="store_true", help="print the problems as JSON")
+    validate.set_defaults(run=_validate)
+
+    formatter = commands.add_parser(
+        "fmt",
+        help="rewrite workflow files in canonical layout",
+        description="Rewrite workflow files in canonical layout (stable key order, 2-space "
+        "indent, final newline). Only the layout changes: every field is kept. Exit 1 "
+        "with --check when a file would change.",
+    )
+    formatter.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    formatter.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a file would change"
+    )
+    formatter.set_defaults(run=_fmt)
+
+    differ = commands.add_parser(
+        "diff",
+        help="semantic diff of two workflow files",
+        description="Show what changed between two workflow files: settings by name, links "
+        "by the name of what they point to, enum numbers with their names, reordered "
+        "activities. Exit 1 when they differ. Also works as a git diff driver: see README.",
+    )
+    differ.add_argument("files", nargs="+", metavar="OLD NEW")
+    differ.set_defaults(run=_diff)
+
+    schema_command = commands.add_parser(
+        "schema",
+        help="write or check the published JSON Schemas",
+        description="Write the JSON Schemas generated from the model into a folder "
+        "(default ./schemas), or with --check exit 1 when the files there are out of date.",
+    )
+    schema_command.add_argument(
+        "--check", action="store_true", help="exit 1 if the files differ from the model"
+    )
+    schema_command.add_argument(
+        "--out", type=Path, default=Path("schemas"), help="folder (default: schemas)"
+    )
+    schema_command.set_defaults(run=_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.run(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

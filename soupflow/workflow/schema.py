@@ -1,0 +1,90 @@
+"""JSON Schema export of the workflow model. Upstream: cli (`soupflow schema`), load. Pure.
+
+`schemas/workflow-file.schema.json` is generated from here and checked in; a test fails when
+it drifts. The root accepts both shapes of a file: a workflow file, or a bare receiver
+(an object with `$type`). Polymorphic places use `if $type == X then X` branches (see
+`types.polymorphic_schema`) so that a validator's errors name the right branch.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from soupflow.workflow import model
+
+SCHEMA_ID = "https://soupflow.dev/schemas/workflow-file.schema.json"
+WORKFLOW_SCHEMA_FILE = "workflow-file.schema.json"
+
+_ALL_MODELS: tuple[type[model.FormatModel], ...] = (
+    model.WorkflowFile,
+    model.DicomMessageTypeOptions,
+    model.HeaderSetting,
+    *model.SETTING_CLASSES,
+    *model.FILTER_ITEM_CLASSES,
+    *model.ACTION_CLASSES,
+)
+
+
+def _strip_titles(node: Any) -> Any:
+    """pydantic adds a `title` to every property; descriptions say more, titles are noise."""
+    if isinstance(node, dict):
+        return {
+            key: _strip_titles(value)
+            for key, value in node.items()
+            if not (key == "title" and isinstance(value, str))
+        }
+    if isinstance(node, list):
+        return [_strip_titles(item) for item in node]
+    return node
+
+
+@cache
+def workflow_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a workflow file."""
+    _, top = models_json_schema(
+        [(cls, "validation") for cls in _ALL_MODELS], ref_template="#/$defs/{model}"
+    )
+    definitions = _strip_titles(top["$defs"])
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "soupflow workflow file",
+        "description": "An Integration Soup workflow file run by soupflow: a workflow file "
+        "object (Name, WorkflowId, WorkflowPattern) or a bare DicomReceiverSetting.",
+        "type": "object",
+        "if": {"required": ["$type"]},
+        "then": {"$ref": "#/$defs/DicomReceiverSetting"},
+        "else": {"$ref": "#/$defs/WorkflowFile"},
+        "$defs": definitions,
+    }
+
+
+def render(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
+def generated_files() -> dict[str, str]:
+    """File name -> text of every schema soupflow publishes."""
+    return {WORKFLOW_SCHEMA_FILE: render(workflow_schema())}
+
+
+def stale_files(folder: Path) -> list[str]:
+    """Names of published schemas that are missing from `folder` or differ from the model."""
+    stale = []
+    for name, text in generated_files().items():
+        path = folder / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            stale.append(name)
+    return stale
+
+
+def write_files(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in generated_files().items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return sorted(generated_files())
