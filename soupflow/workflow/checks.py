@@ -35,7 +35,7 @@ from soupflow.workflow.types import (
 if TYPE_CHECKING:
     from soupflow.workflow.load import Entry, LoadedWorkflow
 
-_AE_HINT = "an AE title has 1-16 characters, no backslash and no control characters (PS3.5 6.2)"
+_AE_HINT = "an AE title has 1-16 characters, no backslash and no control characters, PS3.5 6.2"
 _PYTHON_CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_REFERENCE = re.compile(r"^\s*\$\{\s*env:[A-Za-z_][A-Za-z0-9_]*\s*\}\s*$")
 
@@ -76,9 +76,12 @@ def check_folder(workflows: Sequence[LoadedWorkflow]) -> None:
             else:
                 ids[workflow_id] = loaded
         receiver = loaded.receiver
-        if receiver is None or receiver.disabled or receiver.port == 0:
+        entry = _receiver_entry(loaded)
+        if receiver is None or entry is None or receiver.disabled or receiver.port == 0:
             continue
-        pointer = _receiver_pointer(loaded)
+        if "/Port" in entry.repaired or "/Disabled" in entry.repaired:
+            continue  # the file's own error says what is wrong with it
+        pointer = entry.pointer
         if receiver.port in ports:
             other = ports[receiver.port]
             loaded.sink.error(
@@ -90,11 +93,11 @@ def check_folder(workflows: Sequence[LoadedWorkflow]) -> None:
             ports[receiver.port] = loaded
 
 
-def _receiver_pointer(loaded: LoadedWorkflow) -> str:
+def _receiver_entry(loaded: LoadedWorkflow) -> Entry | None:
     for entry in loaded.entries:
-        if entry.kind == "receiver":
-            return entry.pointer
-    return ""
+        if isinstance(entry.setting, model.DicomReceiverSetting):
+            return entry
+    return None
 
 
 class _WorkflowChecks:
@@ -217,8 +220,9 @@ class _WorkflowChecks:
         return target
 
     def unused_settings(self) -> None:
-        """Settings nothing runs (known only when the receiver itself could be read)."""
-        if self.loaded.receiver is None:
+        """Settings nothing runs (known only when the receiver's links could be read)."""
+        receiver = _receiver_entry(self.loaded)
+        if receiver is None or receiver.repaired:
             return
         for entry in self.loaded.entries:
             if entry.kind in ("sender", "filter", "transformer") and entry.id not in self.linked:
@@ -501,13 +505,13 @@ class _WorkflowChecks:
                     blocks.pop()
         for open_pointer, open_action in blocks:
             closer = (
-                "EndConditional"
+                "an EndConditional"
                 if isinstance(open_action, model.BeginConditionalTransformerAction)
-                else "Next"
+                else "a Next"
             )
             self.sink.error(
                 open_pointer,
-                f"{type(open_action).__name__.removesuffix('TransformerAction')} is never closed by a {closer}",
+                f"{type(open_action).__name__.removesuffix('TransformerAction')} is never closed by {closer}",
             )
 
     def action(self, pointer: str, action: model.Action) -> None:

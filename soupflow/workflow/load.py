@@ -7,6 +7,7 @@ a ConfigIssue with its line and column; nothing here raises for bad input.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from collections.abc import Iterable
@@ -45,6 +46,9 @@ class Entry:
     pointer: str
     raw: dict[str, Any]
     setting: model.Setting | None
+    # Pointers (relative to this setting) of invalid values left out so that the rest of a
+    # setting with schema errors can still be checked; their defaults stand in for them.
+    repaired: frozenset[str] = frozenset()
 
     @property
     def type_name(self) -> str:
@@ -215,23 +219,54 @@ def load_paths(paths: Iterable[Path]) -> list[LoadedWorkflow]:
 def _entries(loaded: LoadedWorkflow) -> list[Entry]:
     document = loaded.document
     if loaded.bare:
-        return [Entry("", document, _validated(document))]
+        return [Entry("", document, *_validated(document))]
     pattern = document.get("WorkflowPattern")
     if not isinstance(pattern, list):
         return []
     return [
-        Entry(pointer_join("/WorkflowPattern", index), item, _validated(item))
+        Entry(pointer_join("/WorkflowPattern", index), item, *_validated(item))
         for index, item in enumerate(pattern)
         if isinstance(item, dict)
     ]
 
 
-def _validated(raw: dict[str, Any]) -> model.Setting | None:
-    try:
-        setting: model.Setting = _SETTING_ADAPTER.validate_python(raw)
-    except pydantic.ValidationError:
+def _validated(raw: dict[str, Any]) -> tuple[model.Setting | None, frozenset[str]]:
+    """The setting's model; for an invalid one, the model of what is left without the
+    invalid values (None when even that fails, e.g. an unknown `$type`)."""
+    candidate = copy.deepcopy(raw)
+    repaired: set[str] = set()
+    for _ in range(_MAX_REPAIRS):
+        try:
+            setting: model.Setting = _SETTING_ADAPTER.validate_python(candidate)
+        except pydantic.ValidationError as exc:
+            removed = {_remove(candidate, problem["loc"][1:]) for problem in exc.errors()}
+            removed.discard(None)
+            if not removed:
+                return None, frozenset(repaired)
+            repaired |= {pointer for pointer in removed if pointer is not None}
+            continue
+        return setting, frozenset(repaired)
+    return None, frozenset(repaired)
+
+
+_MAX_REPAIRS = 20
+_PROTECTED = frozenset({"$type", "Id"})
+
+
+def _remove(value: Any, location: tuple[Any, ...]) -> str | None:
+    """Delete the deepest existing object member on a pydantic error's path (skipping the
+    union tags pydantic puts in it); return its pointer, or None when nothing can go."""
+    pointer, parent, key = "", None, None
+    for part in location:
+        if isinstance(value, dict) and isinstance(part, str) and part in value:
+            parent, key = value, part
+            pointer, value = pointer_join(pointer, part), value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            pointer, value = pointer_join(pointer, part), value[part]
+    if parent is None or key is None or (key in _PROTECTED and pointer.count("/") == 1):
         return None
-    return setting
+    del parent[key]
+    return pointer[: pointer.rindex("/")] + "/" + key.replace("~", "~0").replace("/", "~1")
 
 
 def _report_model_disagreement(document: dict[str, Any], sink: IssueSink) -> None:
