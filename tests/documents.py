@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "integration-soup"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "integration-soup"
 REPO = Path(__file__).resolve().parents[1]
 
 RECEIVER_ID = "11111111-1111-4111-8111-111111111101"
