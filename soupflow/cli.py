@@ -6,16 +6,24 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
+from soupflow.runtime import Runtime
+from soupflow.store.queue import QueueError
 from soupflow.workflow import diff, fmt, schema
 from soupflow.workflow.jsonpos import JsonSyntaxError, parse
 from soupflow.workflow.load import load_paths, workflow_paths
@@ -29,6 +37,62 @@ _GIT_DIFF_ARGUMENTS = 7  # path old-file old-hex old-mode new-file new-hex new-m
 
 def _say(console: Console, text: str, style: str | None = None) -> None:
     console.print(text, markup=False, style=style)
+
+
+# ------------------------------------------------------------------------------------ run
+class _EventLines(logging.Handler):
+    """One printed line per runtime event (the core logs only ids, never PHI)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        _say(_out, f"{stamp} {self.format(record)}", style)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, handlers=[_EventLines()], format="%(message)s", force=True
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if not _is_loopback(args.host):
+        _say(
+            _err,
+            f"warning: listening on {args.host}: DICOM traffic is unencrypted (no TLS yet)",
+            "yellow",
+        )
+    runtime = Runtime(args.workflows, args.data, args.host)
+    stopping = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stopping.set())
+    try:
+        runtime.start()
+    except QueueError as exc:
+        _say(_err, f"cannot start: {exc}", "red")
+        return EXIT_PROBLEMS
+    for issue in runtime.issues:
+        _say(_out, str(issue), "red" if issue.severity == "error" else "yellow")
+    table = Table(title=f"soupflow listeners on {args.host} (data in {args.data})")
+    for column in ("workflow", "port", "AE title", "who may call", "state"):
+        table.add_column(column)
+    for row in runtime.rows:
+        state = row.state if not row.detail else f"{row.state}: {row.detail}"
+        table.add_row(row.workflow, str(row.port or ""), row.our_aet, row.who_may_call, state)
+    _out.print(table)
+    if not runtime.rows:
+        _say(_out, f"no workflow files in {args.workflows}: nothing listens", "yellow")
+    stopping.wait()
+    _say(_out, "stopping: no new associations; finishing the stores in progress")
+    runtime.stop()
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------- validate
@@ -213,6 +277,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("schemas"), help="folder (default: schemas)"
     )
     schema_command.set_defaults(run=_schema)
+
+    runner = commands.add_parser(
+        "run",
+        help="run the DICOM listeners of a workflows folder",
+        description="Start one C-STORE listener per valid, enabled workflow in the folder. "
+        "Each received instance is fsynced to the data folder and queued before the sender "
+        "hears Success. Ctrl-C or SIGTERM stops accepting, lets stores in progress finish, "
+        "and exits 0. Options default to the SOUPFLOW_WORKFLOWS, SOUPFLOW_DATA and "
+        "SOUPFLOW_HOST environment variables.",
+    )
+    runner.add_argument(
+        "--workflows",
+        type=Path,
+        default=Path(os.environ.get("SOUPFLOW_WORKFLOWS", "workflows")),
+        help="workflow files folder (default: workflows)",
+    )
+    runner.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("SOUPFLOW_DATA", "data")),
+        help="spool and queue folder (default: data)",
+    )
+    runner.add_argument(
+        "--host",
+        default=os.environ.get("SOUPFLOW_HOST", "127.0.0.1"),
+        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    runner.set_defaults(run=_run)
     return parser
 
 

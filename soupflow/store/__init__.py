@@ -1,0 +1,1 @@
+"""The durable store: object files (spool) and the message queue. Upstream: listener, workers."""

@@ -1,0 +1,338 @@
+"""The embedded queue backend: one SQLite database in WAL mode under the data folder.
+
+Upstream: listener, workers, CLI. Every change is one transaction committed with
+`synchronous=FULL`, so a committed enqueue survives a crash or power loss. One connection is
+shared by the process's threads behind a lock; `BEGIN IMMEDIATE` keeps other processes (the
+CLI's `dead retry`) consistent with the runtime.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from soupflow.store.queue import (
+    ActivityOutcome,
+    Arrival,
+    LeaseLostError,
+    Message,
+    QueueError,
+    State,
+    WorkflowCounts,
+)
+
+DATABASE_FILE = "queue.sqlite3"
+_SCHEMA_VERSION = 1
+_ARRIVAL_COLUMNS = (
+    "request_id",
+    "workflow_id",
+    "object_path",
+    "byte_count",
+    "sop_class_uid",
+    "sop_instance_uid",
+    "transfer_syntax_uid",
+    "calling_aet",
+    "called_aet",
+    "peer_address",
+    "peer_port",
+    "received_at",
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    request_id TEXT NOT NULL,
+    workflow_id TEXT NOT NULL,
+    object_path TEXT NOT NULL,
+    byte_count INTEGER NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    calling_aet TEXT NOT NULL,
+    called_aet TEXT NOT NULL,
+    peer_address TEXT NOT NULL,
+    peer_port INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_expires_at REAL,
+    reason TEXT,
+    failed_activity TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (request_id)
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS messages_workflow ON messages (workflow_id, state);
+CREATE TABLE IF NOT EXISTS activity_outcomes (
+    request_id TEXT NOT NULL,
+    activity_id TEXT NOT NULL,
+    succeeded INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (request_id, activity_id)
+);
+"""
+
+
+class SqliteQueue:
+    def __init__(self, data_folder: Path, busy_timeout_seconds: float = 5.0) -> None:
+        self.path = data_folder / DATABASE_FILE
+        self._lock = threading.Lock()
+        try:
+            data_folder.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout_seconds,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            with self._write() as db:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        except (sqlite3.Error, OSError) as exc:
+            raise QueueError(f"cannot open the queue database {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------------------- plumbing
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise QueueError(f"queue database {self.path}: {exc}") from exc
+
+    def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise QueueError(f"queue database {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _message(row: sqlite3.Row) -> Message:
+        return Message(
+            arrival=Arrival(**{name: row[name] for name in _ARRIVAL_COLUMNS}),
+            state=State(row["state"]),
+            attempts=row["attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            lease_owner=row["lease_owner"],
+            lease_expires_at=row["lease_expires_at"],
+            reason=row["reason"],
+            failed_activity=row["failed_activity"],
+            updated_at=row["updated_at"],
+        )
+
+    @staticmethod
+    def _require_lease(db: sqlite3.Connection, request_id: str, owner: str) -> None:
+        row = db.execute(
+            "SELECT state, lease_owner FROM messages WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        if row is None or row["state"] != State.PROCESSING or row["lease_owner"] != owner:
+            raise LeaseLostError(f"message {request_id} is not leased by {owner}")
+
+    # ---------------------------------------------------------------------------- queue
+    def enqueue(self, arrival: Arrival) -> None:
+        columns = ", ".join(_ARRIVAL_COLUMNS)
+        marks = ", ".join("?" for _ in _ARRIVAL_COLUMNS)
+        values = tuple(getattr(arrival, name) for name in _ARRIVAL_COLUMNS)
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO messages ({columns}, state, next_attempt_at, updated_at) "
+                f"VALUES ({marks}, ?, ?, ?)",
+                (*values, State.QUEUED, arrival.received_at, arrival.received_at),
+            )
+
+    def lease(self, owner: str, now: float, lease_seconds: float) -> Message | None:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT request_id FROM messages WHERE state = ? AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, received_at LIMIT 1",
+                (State.QUEUED, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE messages SET state = ?, lease_owner = ?, lease_expires_at = ?, "
+                "updated_at = ? WHERE request_id = ?",
+                (State.PROCESSING, owner, now + lease_seconds, now, row["request_id"]),
+            )
+            leased = db.execute("SELECT * FROM messages WHERE request_id = ?", (row["request_id"],))
+            return self._message(leased.fetchone())
+
+    def renew(self, request_id: str, owner: str, now: float, lease_seconds: float) -> None:
+        with self._write() as db:
+            self._require_lease(db, request_id, owner)
+            db.execute(
+                "UPDATE messages SET lease_expires_at = ?, updated_at = ? WHERE request_id = ?",
+                (now + lease_seconds, now, request_id),
+            )
+
+    def record_activity(self, request_id: str, owner: str, outcome: ActivityOutcome) -> None:
+        with self._write() as db:
+            self._require_lease(db, request_id, owner)
+            db.execute(
+                "INSERT OR REPLACE INTO activity_outcomes VALUES (?, ?, ?, ?, ?)",
+                (
+                    request_id,
+                    outcome.activity_id,
+                    int(outcome.succeeded),
+                    outcome.detail,
+                    outcome.at,
+                ),
+            )
+
+    def activity_outcomes(self, request_id: str) -> list[ActivityOutcome]:
+        rows = self._read(
+            "SELECT activity_id, succeeded, detail, at FROM activity_outcomes "
+            "WHERE request_id = ? ORDER BY at",
+            (request_id,),
+        )
+        return [
+            ActivityOutcome(r["activity_id"], bool(r["succeeded"]), r["detail"], r["at"])
+            for r in rows
+        ]
+
+    def finish(
+        self,
+        request_id: str,
+        owner: str,
+        state: State,
+        now: float,
+        reason: str | None = None,
+        failed_activity: str | None = None,
+    ) -> None:
+        if state not in (State.COMPLETED, State.FILTERED, State.DEAD):
+            raise ValueError(f"an attempt cannot finish as {state}")
+        with self._write() as db:
+            self._require_lease(db, request_id, owner)
+            db.execute(
+                "UPDATE messages SET state = ?, attempts = attempts + 1, lease_owner = NULL, "
+                "lease_expires_at = NULL, reason = ?, failed_activity = ?, updated_at = ? "
+                "WHERE request_id = ?",
+                (state, reason, failed_activity, now, request_id),
+            )
+
+    def retry(
+        self,
+        request_id: str,
+        owner: str,
+        now: float,
+        next_attempt_at: float,
+        reason: str,
+        failed_activity: str | None,
+    ) -> None:
+        with self._write() as db:
+            self._require_lease(db, request_id, owner)
+            db.execute(
+                "UPDATE messages SET state = ?, attempts = attempts + 1, next_attempt_at = ?, "
+                "lease_owner = NULL, lease_expires_at = NULL, reason = ?, failed_activity = ?, "
+                "updated_at = ? WHERE request_id = ?",
+                (State.QUEUED, next_attempt_at, reason, failed_activity, now, request_id),
+            )
+
+    def expire_leases(self, now: float) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE messages SET state = ?, lease_owner = NULL, lease_expires_at = NULL, "
+                "updated_at = ? WHERE state = ? AND lease_expires_at < ?",
+                (State.QUEUED, now, State.PROCESSING, now),
+            )
+            return cursor.rowcount
+
+    def recover(self) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE messages SET state = ?, lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE state = ?",
+                (State.QUEUED, State.PROCESSING),
+            )
+            return cursor.rowcount
+
+    # ---------------------------------------------------------------------- operators
+    def get(self, request_id: str) -> Message | None:
+        rows = self._read("SELECT * FROM messages WHERE request_id = ?", (request_id,))
+        return self._message(rows[0]) if rows else None
+
+    def messages(
+        self, state: State | None = None, workflow_id: str | None = None, limit: int = 1000
+    ) -> list[Message]:
+        where, parameters = self._where(state, workflow_id, None)
+        rows = self._read(
+            f"SELECT * FROM messages {where} ORDER BY received_at LIMIT ?", (*parameters, limit)
+        )
+        return [self._message(row) for row in rows]
+
+    def counts(self) -> list[WorkflowCounts]:
+        rows = self._read(
+            "SELECT workflow_id, state, COUNT(*) AS n, MIN(received_at) AS oldest "
+            "FROM messages GROUP BY workflow_id, state ORDER BY workflow_id"
+        )
+        by_workflow: dict[str, dict[State, int]] = {}
+        oldest: dict[str, float | None] = {}
+        for row in rows:
+            by_workflow.setdefault(row["workflow_id"], {})[State(row["state"])] = row["n"]
+            oldest.setdefault(row["workflow_id"], None)
+            if row["state"] in (State.QUEUED, State.PROCESSING):
+                current = oldest[row["workflow_id"]]
+                oldest[row["workflow_id"]] = (
+                    row["oldest"] if current is None else min(current, row["oldest"])
+                )
+        return [WorkflowCounts(w, states, oldest[w]) for w, states in by_workflow.items()]
+
+    def revive(self, request_ids: list[str] | None, workflow_id: str | None, now: float) -> int:
+        where, parameters = self._where(State.DEAD, workflow_id, request_ids)
+        with self._write() as db:
+            cursor = db.execute(
+                f"UPDATE messages SET state = ?, attempts = 0, next_attempt_at = ?, reason = NULL, "
+                f"failed_activity = NULL, updated_at = ? {where}",
+                (State.QUEUED, now, now, *parameters),
+            )
+            return cursor.rowcount
+
+    def purge(self, request_ids: list[str] | None, workflow_id: str | None) -> list[Message]:
+        where, parameters = self._where(State.DEAD, workflow_id, request_ids)
+        with self._write() as db:
+            rows = db.execute(f"SELECT * FROM messages {where}", parameters).fetchall()
+            doomed = [self._message(row) for row in rows]
+            for message in doomed:
+                db.execute(
+                    "DELETE FROM activity_outcomes WHERE request_id = ?", (message.request_id,)
+                )
+                db.execute("DELETE FROM messages WHERE request_id = ?", (message.request_id,))
+            return doomed
+
+    @staticmethod
+    def _where(
+        state: State | None, workflow_id: str | None, request_ids: list[str] | None
+    ) -> tuple[str, tuple[Any, ...]]:
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if state is not None:
+            clauses.append("state = ?")
+            parameters.append(state)
+        if workflow_id is not None:
+            clauses.append("workflow_id = ?")
+            parameters.append(workflow_id)
+        if request_ids is not None:
+            clauses.append(f"request_id IN ({', '.join('?' for _ in request_ids)})")
+            parameters.extend(request_ids)
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(parameters)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
