@@ -1,0 +1,201 @@
+"""Real DICOM peers for the tests: listeners on port 0, pynetdicom and dcmtk senders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, _config
+
+from soupflow.listener import Ingest, Listener
+from soupflow.runtime import LISTENERS_FILE
+from soupflow.store.spool import Spool
+from soupflow.store.sqlite import SqliteQueue
+from soupflow.workflow.model import DicomReceiverSetting
+from tests import documents
+
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}  # Debian's dcmtk leaves Nagle on without it
+DEADLINE_SECONDS = 30.0
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; a missing tool fails under CI=true and skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (make test installs dcmtk as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def sample_file(name: str) -> Path:
+    return Path(str(get_testdata_file(name)))
+
+
+def receiver(**fields: Any) -> DicomReceiverSetting:
+    return DicomReceiverSetting.model_validate(documents.receiver(Port=0, **fields))
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after a Part 10 file's meta group (what travels in a C-STORE)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + group_length :]
+
+
+class Receiving:
+    """A listener with its spool and queue, in this process."""
+
+    def __init__(
+        self, data: Path, setting: DicomReceiverSetting, busy_timeout: float = 5.0
+    ) -> None:
+        self.data = data
+        self.spool = Spool(data)
+        self.queue = SqliteQueue(data, busy_timeout_seconds=busy_timeout)
+        self.listener = Listener("workflow-1", setting, "127.0.0.1", Ingest(self.spool, self.queue))
+        self.listener.start()
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    def stored(self, sop_instance_uid: str) -> list[Path]:
+        return [
+            self.spool.root / message.arrival.object_path
+            for message in self.queue.messages()
+            if message.arrival.sop_instance_uid == sop_instance_uid
+        ]
+
+    def close(self) -> None:
+        self.listener.stop(grace_seconds=2.0)
+        self.queue.close()
+
+
+@contextmanager
+def receiving(data: Path, busy_timeout: float = 5.0, **fields: Any) -> Iterator[Receiving]:
+    running = Receiving(data, receiver(**fields), busy_timeout)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@contextmanager
+def chunked_send() -> Iterator[None]:
+    """pynetdicom sends a file's dataset bytes as they are (no decode, no re-encode)."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def send_files(
+    port: int, paths: list[Path], calling_aet: str = "MODALITY01", called_aet: str = "SOUPFLOW"
+) -> list[int]:
+    """C-STORE each file over one association; the status of each (-1: no response)."""
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = DEADLINE_SECONDS
+    for path in paths:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    statuses = []
+    with chunked_send():
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+        assert assoc.is_established, "association was not accepted"
+        for path in paths:
+            response = assoc.send_c_store(path)
+            statuses.append(int(response.Status) if "Status" in response else -1)
+        assoc.release()
+    return statuses
+
+
+def associate(port: int, calling_aet: str, called_aet: str = "SOUPFLOW") -> Any:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.network_timeout = DEADLINE_SECONDS
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae.associate("127.0.0.1", port, ae_title=called_aet)
+
+
+def wait_for(predicate: Any, what: str, seconds: float = DEADLINE_SECONDS) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def free_port() -> int:
+    """A port the OS says is free now (for peers, like dcmtk's storescp, that need a number)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RuntimeProcess:
+    """`soupflow run` in its own process, as an operator runs it."""
+
+    def __init__(self, workflows: Path, data: Path) -> None:
+        self.data = data
+        self.log = data.parent / "runtime.log"
+        (data / LISTENERS_FILE).unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "soupflow",
+                "run",
+                "--workflows",
+                str(workflows),
+                "--data",
+                str(data),
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        rows = wait_for(self._listening, "the runtime to listen")
+        self.ports = {row["workflow_id"]: row["port"] for row in rows}
+
+    def _listening(self) -> list[dict[str, Any]] | None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"soupflow run exited: {self.log.read_text()}")
+        path = self.data / LISTENERS_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.ports.values()))
+
+    def peak_rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM in /proc status")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=DEADLINE_SECONDS)
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=DEADLINE_SECONDS)
