@@ -228,6 +228,7 @@ class Listener:
         ae.maximum_pdu_size = receiver.max_pdu_size
         ae.add_supported_context(Verification)
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -268,6 +269,15 @@ class Listener:
         log.info("workflow %s stopped listening", self.workflow_id)
 
     # --------------------------------------------------------------------- handlers
+    def _on_connection_open(self, event: Any) -> None:
+        """Bound every read and write on the connection by the association timeout.
+
+        pynetdicom reads a PDU only once data is waiting, then blocks until the length its
+        header announced has arrived; without a socket timeout a peer that stops mid-PDU
+        (or sends garbage that looks like a header) would hold the connection forever.
+        """
+        event.assoc.dul.socket.socket.settimeout(float(self.receiver.association_timeout_seconds))
+
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
         request = assoc.requestor.primitive

@@ -1,0 +1,158 @@
+"""`soupflow run` as its own process: kill -9 mid-transfer loses nothing acknowledged; a 1 GB
+instance is received with bounded memory."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from soupflow.listener import SUCCESS
+from soupflow.store.spool import Spool
+from soupflow.store.sqlite import SqliteQueue
+from tests import documents
+from tests.dicom import (
+    DEADLINE_SECONDS,
+    NODELAY,
+    RuntimeProcess,
+    chunked_send,
+    require_tool,
+    sample_file,
+    wait_for,
+)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def workflows_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "workflows"
+    folder.mkdir()
+    documents.write(folder / "intake.json", documents.workflow(Port=0, AcceptedCallingAETs="*"))
+    return folder
+
+
+def many_instances(folder: Path, count: int) -> list[Path]:
+    folder.mkdir()
+    template = dcmread(sample_file("CT_small.dcm"))
+    paths = []
+    for number in range(count):
+        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        template.InstanceNumber = number + 1
+        path = folder / f"{number:03d}.dcm"
+        template.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def test_kill_9_during_a_transfer_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
+    data, workflows = tmp_path / "data", workflows_folder(tmp_path)
+    runtime = RuntimeProcess(workflows, data)
+    files = many_instances(tmp_path / "send", 200)
+    acknowledged: list[str] = []
+
+    def send() -> None:
+        ae = AE(ae_title="MODALITY01")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = DEADLINE_SECONDS
+        ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        with chunked_send():
+            assoc = ae.associate("127.0.0.1", runtime.port)
+            for path in files:
+                if not assoc.is_established:
+                    return
+                response = assoc.send_c_store(path)
+                if "Status" in response and response.Status == SUCCESS:
+                    acknowledged.append(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+            assoc.release()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_for(lambda: len(acknowledged) >= 60, "60 acknowledged stores")
+    runtime.kill()
+    sender.join(timeout=DEADLINE_SECONDS)
+    assert not sender.is_alive()
+    assert 60 <= len(acknowledged) < 200, "the kill did not land during the transfer"
+
+    restarted = RuntimeProcess(workflows, data)
+    assert restarted.terminate() == 0
+    queue, spool = SqliteQueue(data), Spool(data)
+    messages = queue.messages(limit=1000)
+    queued = {message.arrival.sop_instance_uid for message in messages}
+    assert set(acknowledged) <= queued
+    for message in messages:
+        stored = spool.root / message.arrival.object_path
+        assert stored.stat().st_size == message.arrival.byte_count
+        assert str(dcmread(stored).SOPInstanceUID) == message.arrival.sop_instance_uid
+    queue.close()
+
+
+def one_gigabyte_instance(path: Path) -> int:
+    """A Secondary Capture with 1 GiB of pixel data, written without holding it in memory."""
+    size = 1 << 30
+    dataset = Dataset()
+    dataset.SOPClassUID = SECONDARY_CAPTURE
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.PatientName, dataset.PatientID, dataset.Modality = "BIG^INSTANCE", "BIG1", "OT"
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.Rows, dataset.Columns = 16384, 32768
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = (
+        16,
+        16,
+        15,
+        0,
+    )
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.save_as(path, enforce_file_format=True)
+    chunk = bytes(range(256)) * 32768  # 8 MiB
+    with path.open("ab") as stream:
+        stream.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))
+        for _ in range(size // len(chunk)):
+            stream.write(chunk)
+    return size
+
+
+def digest_after(path: Path, offset: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        stream.seek(offset)
+        while block := stream.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_a_1_gb_instance_is_received_with_peak_rss_under_200_mb(tmp_path: Path) -> None:
+    storescu = require_tool("storescu")
+    source = tmp_path / "big.dcm"
+    one_gigabyte_instance(source)
+    data = tmp_path / "data"
+    runtime = RuntimeProcess(workflows_folder(tmp_path), data)
+    try:
+        subprocess.run(
+            [storescu, "127.0.0.1", str(runtime.port), str(source)],
+            env=NODELAY,
+            timeout=600,
+            check=True,
+            capture_output=True,
+        )
+        peak = runtime.peak_rss_bytes()
+    finally:
+        runtime.terminate()
+    assert peak < 200 * 1024 * 1024, f"peak RSS {peak / 1e6:.0f} MB"
+    queue = SqliteQueue(data)
+    [message] = queue.messages()
+    stored = Spool(data).root / message.arrival.object_path
+    pixel_tail = 1 << 30
+    assert digest_after(stored, stored.stat().st_size - pixel_tail) == digest_after(
+        source, source.stat().st_size - pixel_tail
+    )
+    queue.close()

@@ -1,0 +1,176 @@
+"""Nothing is acknowledged that could be lost; bad peers never take the listener down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from soupflow.listener import (
+    CANNOT_UNDERSTAND,
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
+from soupflow.store.sqlite import DATABASE_FILE
+from tests.dicom import (
+    DEADLINE_SECONDS,
+    Receiving,
+    associate,
+    receiving,
+    sample_file,
+    send_files,
+    wait_for,
+)
+
+CT = sample_file("CT_small.dcm")
+
+
+def nothing_left(running: Receiving) -> None:
+    assert running.queue.messages() == []
+    assert (
+        not [path for path in running.spool.root.rglob("*") if path.is_file()]
+        if running.spool.root.exists()
+        else True
+    )
+
+
+def test_unwritable_spool_answers_out_of_resources_and_keeps_serving(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        running.spool.root.parent.mkdir(parents=True, exist_ok=True)
+        running.spool.root.write_text("not a folder")  # even root cannot create files under a file
+        assert send_files(running.port, [CT]) == [OUT_OF_RESOURCES]
+        assert running.queue.messages() == []
+        running.spool.root.unlink()
+        assert send_files(running.port, [CT]) == [SUCCESS]
+        assert len(running.queue.messages()) == 1
+
+
+def test_locked_queue_answers_out_of_resources_and_leaves_no_object(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data", busy_timeout=0.2) as running:
+        locker = sqlite3.connect(running.data / DATABASE_FILE, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            assert send_files(running.port, [CT]) == [OUT_OF_RESOURCES]
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        nothing_left(running)
+        assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str) -> Iterator[Path]:
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_full_filesystem_answers_out_of_resources_and_keeps_serving(tmp_path: Path) -> None:
+    big = tmp_path / "big.dcm"
+    dataset = dcmread(CT)
+    dataset.PixelData = os.urandom(1_500_000)
+    dataset.Rows, dataset.Columns = 750, 1000
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = (
+        "1.2.826.0.1.3680043.8.498.1"
+    )
+    dataset.save_as(big)
+    with small_filesystem(tmp_path / "data", "1m") as data, receiving(data) as running:
+        assert send_files(running.port, [big]) == [OUT_OF_RESOURCES]
+        nothing_left(running)
+        assert send_files(running.port, [CT]) == [SUCCESS]
+        assert len(running.queue.messages()) == 1
+
+
+def test_truncated_dataset_cannot_be_understood(tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(CT.read_bytes()[:-1000])
+    with receiving(tmp_path / "data") as running:
+        assert send_files(running.port, [truncated, CT]) == [CANNOT_UNDERSTAND, SUCCESS]
+        assert len(running.queue.messages()) == 1
+
+
+def test_dataset_that_is_not_what_the_request_says_is_refused(tmp_path: Path) -> None:
+    mismatched = tmp_path / "mismatched.dcm"
+    dataset = dcmread(CT)
+    dataset.file_meta.MediaStorageSOPInstanceUID = (
+        "1.2.826.0.1.3680043.8.498.2"  # what the request will say
+    )
+    dataset.save_as(mismatched)
+    with receiving(tmp_path / "data") as running:
+        assert send_files(running.port, [mismatched]) == [DATA_SET_DOES_NOT_MATCH_SOP_CLASS]
+        nothing_left(running)
+
+
+def _closed_by_peer(connection: socket.socket) -> bool:
+    """True once the listener closes the connection (bounded by the socket timeout)."""
+    connection.settimeout(DEADLINE_SECONDS)
+    try:
+        while connection.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        os.urandom(2048),
+        b"\x01\x00\x00\x00\x01\x00\x00\x01",  # the start of an A-ASSOCIATE-RQ that never comes
+        b"\x04\x00\xff\xff\xff\xff",  # a P-DATA PDU claiming 4 GB
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_garbage_on_the_port_leaves_the_listener_serving(tmp_path: Path, garbage: bytes) -> None:
+    with receiving(tmp_path / "data", AssociationTimeoutSeconds=2) as running:
+        with socket.create_connection(
+            ("127.0.0.1", running.port), timeout=DEADLINE_SECONDS
+        ) as connection:
+            connection.sendall(garbage)
+            assert _closed_by_peer(connection)
+        assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_a_peer_that_stops_mid_pdu_is_dropped_and_others_are_served(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data", AssociationTimeoutSeconds=2) as running:
+        assoc = associate(running.port, "MODALITY01")
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket
+        raw.sendall(b"\x04\x00\x00\x00\x40\x00\x00\x00\x3c\x01")  # a P-DATA header, then silence
+        wait_for(
+            lambda: not running.listener._ae.active_associations, "the listener to drop the peer"
+        )  # type: ignore[union-attr]
+        assoc.abort()
+        assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_idle_peers_are_dropped_after_the_association_timeout(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data", AssociationTimeoutSeconds=1) as running:
+        with socket.create_connection(
+            ("127.0.0.1", running.port), timeout=DEADLINE_SECONDS
+        ) as silent:
+            assert _closed_by_peer(silent)  # never sent an A-ASSOCIATE-RQ
+        idle = associate(running.port, "MODALITY01")
+        assert idle.is_established
+        wait_for(
+            lambda: idle.is_aborted or not idle.is_established, "the idle association to be dropped"
+        )
+        assert send_files(running.port, [CT]) == [SUCCESS]
