@@ -1,0 +1,237 @@
+"""The queue's contract: one behaviour suite that every backend must pass. Time is stepped."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from soupflow.store.queue import ActivityOutcome, Arrival, LeaseLostError, Queue, QueueError, State
+from soupflow.store.sqlite import SqliteQueue
+
+LEASE = 30.0
+T0 = 1_000_000.0
+
+# Each backend: a factory that opens (or reopens) a queue kept in `folder`.
+BACKENDS: dict[str, Callable[[Path], Queue]] = {"sqlite": SqliteQueue}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Queue]]:
+    opened: list[Queue] = []
+
+    def open_queue() -> Queue:
+        queue = BACKENDS[request.param](tmp_path / "data")
+        opened.append(queue)
+        return queue
+
+    yield open_queue
+    for queue in opened:
+        queue.close()
+
+
+@pytest.fixture
+def queue(opener: Callable[[], Queue]) -> Queue:
+    return opener()
+
+
+def arrival(number: int, workflow_id: str = "workflow-a", received_at: float = T0) -> Arrival:
+    return Arrival(
+        request_id=f"request-{number:03d}",
+        workflow_id=workflow_id,
+        object_path=f"re/request-{number:03d}.dcm",
+        byte_count=1000 + number,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=f"1.2.3.{number}",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_aet="MODALITY01",
+        called_aet="SOUPFLOW",
+        peer_address="127.0.0.1",
+        peer_port=40000 + number,
+        received_at=received_at + number,
+    )
+
+
+def test_an_enqueued_message_is_leased_once_oldest_first(queue: Queue) -> None:
+    queue.enqueue(arrival(2))
+    queue.enqueue(arrival(1))
+    first = queue.lease("worker-1", T0 + 10, LEASE)
+    assert first is not None
+    assert (first.request_id, first.state, first.lease_owner) == (
+        "request-001",
+        State.PROCESSING,
+        "worker-1",
+    )
+    assert first.lease_expires_at == T0 + 10 + LEASE
+    assert first.arrival == arrival(1)
+    second = queue.lease("worker-2", T0 + 10, LEASE)
+    assert second is not None and second.request_id == "request-002"
+    assert queue.lease("worker-3", T0 + 10, LEASE) is None
+
+
+def test_a_committed_enqueue_survives_reopening(opener: Callable[[], Queue]) -> None:
+    opener().enqueue(arrival(1))
+    reopened = opener()
+    assert [m.request_id for m in reopened.messages()] == ["request-001"]
+
+
+def test_the_same_request_id_cannot_be_enqueued_twice(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    with pytest.raises(QueueError):
+        queue.enqueue(arrival(1))
+
+
+@pytest.mark.parametrize("state", [State.COMPLETED, State.FILTERED, State.DEAD])
+def test_finishing_an_attempt(queue: Queue, state: State) -> None:
+    queue.enqueue(arrival(1))
+    queue.lease("worker-1", T0 + 1, LEASE)
+    queue.finish(
+        "request-001",
+        "worker-1",
+        state,
+        T0 + 2,
+        reason="why" if state == State.DEAD else None,
+        failed_activity="a1" if state == State.DEAD else None,
+    )
+    message = queue.get("request-001")
+    assert message is not None
+    assert (message.state, message.attempts, message.lease_owner) == (state, 1, None)
+    if state == State.DEAD:
+        assert (message.reason, message.failed_activity) == ("why", "a1")
+    assert queue.lease("worker-1", T0 + 1000, LEASE) is None
+
+
+def test_a_retry_waits_for_its_next_attempt(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    queue.lease("worker-1", T0 + 1, LEASE)
+    queue.retry(
+        "request-001",
+        "worker-1",
+        T0 + 2,
+        next_attempt_at=T0 + 60,
+        reason="HTTP 503",
+        failed_activity="a2",
+    )
+    message = queue.get("request-001")
+    assert message is not None
+    assert (message.state, message.attempts, message.next_attempt_at, message.reason) == (
+        State.QUEUED,
+        1,
+        T0 + 60,
+        "HTTP 503",
+    )
+    assert queue.lease("worker-1", T0 + 59, LEASE) is None
+    again = queue.lease("worker-1", T0 + 60, LEASE)
+    assert again is not None and again.attempts == 1
+
+
+def test_an_expired_lease_makes_the_message_queued_again_and_the_old_owner_loses_it(
+    queue: Queue,
+) -> None:
+    queue.enqueue(arrival(1))
+    queue.lease("worker-1", T0 + 1, LEASE)
+    assert queue.expire_leases(T0 + LEASE) == 0
+    assert queue.expire_leases(T0 + 1 + LEASE + 1) == 1
+    taken = queue.lease("worker-2", T0 + 100, LEASE)
+    assert taken is not None and taken.lease_owner == "worker-2"
+    with pytest.raises(LeaseLostError):
+        queue.finish("request-001", "worker-1", State.COMPLETED, T0 + 101)
+    with pytest.raises(LeaseLostError):
+        queue.record_activity("request-001", "worker-1", ActivityOutcome("a1", True, "", T0 + 101))
+    queue.renew("request-001", "worker-2", T0 + 120, LEASE)
+    assert queue.expire_leases(T0 + 100 + LEASE + 1) == 0
+
+
+def test_activity_outcomes_outlive_attempts(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    queue.lease("worker-1", T0 + 1, LEASE)
+    queue.record_activity(
+        "request-001", "worker-1", ActivityOutcome("file-writer", True, "wrote", T0 + 2)
+    )
+    queue.record_activity(
+        "request-001", "worker-1", ActivityOutcome("webhook", False, "HTTP 503", T0 + 3)
+    )
+    queue.retry("request-001", "worker-1", T0 + 4, T0 + 5, "HTTP 503", "webhook")
+    queue.lease("worker-1", T0 + 5, LEASE)
+    queue.record_activity(
+        "request-001", "worker-1", ActivityOutcome("webhook", True, "HTTP 200", T0 + 6)
+    )
+    outcomes = {
+        o.activity_id: (o.succeeded, o.detail) for o in queue.activity_outcomes("request-001")
+    }
+    assert outcomes == {"file-writer": (True, "wrote"), "webhook": (True, "HTTP 200")}
+
+
+def test_recover_returns_every_processing_message_to_queued(queue: Queue) -> None:
+    for number in (1, 2, 3):
+        queue.enqueue(arrival(number))
+    queue.lease("worker-1", T0 + 10, LEASE)
+    queue.lease("worker-2", T0 + 10, LEASE)
+    assert queue.recover() == 2
+    assert {m.state for m in queue.messages()} == {State.QUEUED}
+
+
+def test_counts_per_workflow_with_the_oldest_pending(queue: Queue) -> None:
+    for number in (1, 2, 3):
+        queue.enqueue(arrival(number))
+    queue.enqueue(arrival(4, workflow_id="workflow-b"))
+    queue.lease("worker-1", T0 + 10, LEASE)
+    queue.finish("request-001", "worker-1", State.COMPLETED, T0 + 11)
+    counts = {c.workflow_id: c for c in queue.counts()}
+    assert counts["workflow-a"].by_state == {State.COMPLETED: 1, State.QUEUED: 2}
+    assert counts["workflow-a"].oldest_pending_received_at == T0 + 2
+    assert counts["workflow-b"].by_state == {State.QUEUED: 1}
+
+
+def test_dead_messages_are_revived_or_purged_by_id_workflow_or_all(queue: Queue) -> None:
+    for number, workflow in (
+        (1, "workflow-a"),
+        (2, "workflow-a"),
+        (3, "workflow-b"),
+        (4, "workflow-b"),
+    ):
+        queue.enqueue(arrival(number, workflow_id=workflow))
+        queue.lease("w", T0 + 10, LEASE)
+        queue.finish(
+            f"request-{number:03d}",
+            "w",
+            State.DEAD,
+            T0 + 11,
+            reason="HTTP 400",
+            failed_activity="a",
+        )
+    assert queue.revive(["request-001"], None, T0 + 20) == 1
+    revived = queue.get("request-001")
+    assert revived is not None and (revived.state, revived.attempts, revived.reason) == (
+        State.QUEUED,
+        0,
+        None,
+    )
+    assert [m.request_id for m in queue.purge(None, "workflow-b")] == ["request-003", "request-004"]
+    assert queue.get("request-003") is None
+    assert queue.revive(None, None, T0 + 30) == 1
+    assert queue.messages(state=State.DEAD) == []
+
+
+def test_concurrent_workers_never_lease_the_same_message(queue: Queue) -> None:
+    for number in range(60):
+        queue.enqueue(arrival(number))
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def work(owner: str) -> None:
+        for _ in range(60):
+            message = queue.lease(owner, T0 + 100, LEASE)
+            if message is None:
+                return
+            with lock:
+                taken.append(message.request_id)
+
+    workers = [threading.Thread(target=work, args=(f"worker-{n}",)) for n in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(taken) == sorted(f"request-{n:03d}" for n in range(60))
