@@ -22,9 +22,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from soupflow import schemas
 from soupflow.runtime import Runtime
 from soupflow.store.queue import QueueError
-from soupflow.workflow import diff, fmt, schema
+from soupflow.workflow import diff, fmt
 from soupflow.workflow.jsonpos import JsonSyntaxError, parse
 from soupflow.workflow.load import load_paths, workflow_paths
 
@@ -205,7 +206,7 @@ def _diff(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- schema
 def _schema(args: argparse.Namespace) -> int:
     if args.check:
-        stale = schema.stale_files(args.out)
+        stale = schemas.stale_files(args.out)
         for name in stale:
             _say(
                 _err,
@@ -213,7 +214,7 @@ def _schema(args: argparse.Namespace) -> int:
                 "red",
             )
         return EXIT_PROBLEMS if stale else EXIT_OK
-    for name in schema.write_files(args.out):
+    for name in schemas.write_files(args.out):
         _say(_out, f"wrote {args.out / name}")
     return EXIT_OK
 

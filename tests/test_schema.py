@@ -13,19 +13,20 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from soupflow import schemas
 from soupflow.cli import main
 from soupflow.workflow import model, schema
 from tests import documents
 
-CHECKED_IN = documents.REPO / "schemas" / schema.WORKFLOW_SCHEMA_FILE
+CHECKED_IN = documents.REPO / "schemas" / schemas.WORKFLOW_SCHEMA_FILE
 
 
 def test_checked_in_schema_matches_the_model() -> None:
-    assert schema.stale_files(CHECKED_IN.parent) == [], "schemas/ drifted: run `soupflow schema`"
+    assert schemas.stale_files(CHECKED_IN.parent) == [], "schemas/ drifted: run `soupflow schema`"
 
 
 def test_schema_check_reports_a_stale_file_and_how_to_fix_it(tmp_path: Any, capsys: Any) -> None:
-    (tmp_path / schema.WORKFLOW_SCHEMA_FILE).write_text("{}\n", encoding="utf-8")
+    (tmp_path / schemas.WORKFLOW_SCHEMA_FILE).write_text("{}\n", encoding="utf-8")
     assert main(["schema", "--check", "--out", str(tmp_path)]) == 1
     assert "run `soupflow schema`" in capsys.readouterr().err
     assert main(["schema", "--out", str(tmp_path)]) == 0

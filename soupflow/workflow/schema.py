@@ -8,9 +8,7 @@ it drifts. The root accepts both shapes of a file: a workflow file, or a bare re
 
 from __future__ import annotations
 
-import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
@@ -18,7 +16,6 @@ from pydantic.json_schema import models_json_schema
 from soupflow.workflow import model
 
 SCHEMA_ID = "https://soupflow.dev/schemas/workflow-file.schema.json"
-WORKFLOW_SCHEMA_FILE = "workflow-file.schema.json"
 
 _ALL_MODELS: tuple[type[model.FormatModel], ...] = (
     model.WorkflowFile,
@@ -62,29 +59,3 @@ def workflow_schema() -> dict[str, Any]:
         "else": {"$ref": "#/$defs/WorkflowFile"},
         "$defs": definitions,
     }
-
-
-def render(schema: dict[str, Any]) -> str:
-    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
-
-
-def generated_files() -> dict[str, str]:
-    """File name -> text of every schema soupflow publishes."""
-    return {WORKFLOW_SCHEMA_FILE: render(workflow_schema())}
-
-
-def stale_files(folder: Path) -> list[str]:
-    """Names of published schemas that are missing from `folder` or differ from the model."""
-    stale = []
-    for name, text in generated_files().items():
-        path = folder / name
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            stale.append(name)
-    return stale
-
-
-def write_files(folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in generated_files().items():
-        (folder / name).write_text(text, encoding="utf-8")
-    return sorted(generated_files())

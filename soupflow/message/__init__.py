@@ -1,0 +1,1 @@
+"""DICOM object -> DICOM message JSON (Association, CommonFields, Report, Tags). Pure."""

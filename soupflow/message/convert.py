@@ -1,0 +1,148 @@
+"""A received object -> its DICOM message. Upstream: workers (pipeline). Pure.
+
+See dicom-message.md: `Version`, `Association` (always), `CommonFields`, `Report` (SR only),
+`Tags`, each node switched by `DicomMessageTypeOptions`. Conversion never loads pixel data,
+never fails on odd values (they are kept as text), and yields a message with
+`Association.ParseError` for an object that cannot be parsed at all. The same object gives
+byte-identical JSON (`render`). Nothing here logs: the message is PHI.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from soupflow.message.report import is_structured_report, report
+from soupflow.message.tags import dataset_tags
+from soupflow.message.values import Element, Notes, elements, text_of
+from soupflow.store.queue import Arrival
+from soupflow.workflow.model import DicomMessageTypeOptions
+
+VERSION = 1
+# Values longer than this stay on disk (pixel data and other bulk values are never read).
+DEFER_BYTES = 16 * 1024
+
+COMMON_FIELDS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "Modality",
+    "BodyPartExamined",
+    "SOPClassUID",
+    "SOPClassName",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "InstitutionName",
+    "StationName",
+    "Manufacturer",
+    "NumberOfFrames",
+    "SpecificCharacterSet",
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    common_fields: bool = True
+    report: bool = True
+    tags: bool = True
+    tags_format: str = "Keyword"
+
+    @classmethod
+    def from_setting(cls, setting: DicomMessageTypeOptions | None) -> Options:
+        if setting is None:
+            return cls()
+        return cls(
+            setting.include_common_fields_node,
+            setting.include_report_node,
+            setting.include_tags_node,
+            setting.tags_format,
+        )
+
+
+def received_at_text(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _association(arrival: Arrival) -> dict[str, Any]:
+    return {
+        "CallingAET": arrival.calling_aet,
+        "CalledAET": arrival.called_aet,
+        "PeerAddress": arrival.peer_address,
+        "PeerPort": arrival.peer_port,
+        "ReceivedAt": received_at_text(arrival.received_at),
+        "TransferSyntaxUID": arrival.transfer_syntax_uid,
+        "ByteCount": arrival.byte_count,
+        "RequestId": arrival.request_id,
+        "WorkflowId": arrival.workflow_id,
+        "Warnings": [],
+    }
+
+
+def _common_fields(top: dict[int, Element]) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for keyword in COMMON_FIELDS:
+        if keyword == "SOPClassName":
+            uid = fields.get("SOPClassUID", "")
+            name = UID(uid).name if uid else ""
+            fields[keyword] = "" if name == uid else name
+            continue
+        tag = tag_for_keyword(keyword)
+        fields[keyword] = text_of(top.get(tag)) if tag is not None else ""
+    return fields
+
+
+def convert(path: Path, arrival: Arrival, options: Options) -> dict[str, Any]:
+    """The DICOM message of the Part 10 object at `path`."""
+    message: dict[str, Any] = {"Version": VERSION, "Association": _association(arrival)}
+    notes = Notes()
+    try:
+        dataset = dcmread(path, defer_size=DEFER_BYTES)
+        top = {element.tag: element for element in elements(dataset, notes)}
+    except Exception as exc:  # an unparseable object still becomes a message
+        message["Association"]["ParseError"] = f"{type(exc).__name__}: {exc}"[:500]
+        if options.common_fields:
+            message["CommonFields"] = dict.fromkeys(COMMON_FIELDS, "")
+        if options.tags:
+            message["Tags"] = {}
+        return message
+    if options.common_fields:
+        message["CommonFields"] = _common_fields(top)
+    if options.report:
+        _add_report(dataset, message, notes)
+    if options.tags:
+        message["Tags"] = dataset_tags(dataset, notes, options.tags_format)
+    message["Association"]["Warnings"] = notes.warnings
+    return message
+
+
+def _add_report(dataset: Dataset, message: dict[str, Any], notes: Notes) -> None:
+    try:
+        if is_structured_report(dataset):
+            message["Report"] = report(dataset)
+    except Exception as exc:  # a malformed SR still gives the other nodes
+        notes.add(f"the SR content tree could not be read ({type(exc).__name__}); Report left out")
+
+
+def render(message: dict[str, Any]) -> str:
+    """The message as JSON text: UTF-8 characters as they are, keys in dataset order."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,70 @@
+"""The Tags node: the dataset as JSON, keyed by keyword or in the PS3.18 F.2 JSON model. Pure.
+
+Upstream: message.convert. Keyword format: keys are DICOM keywords (private, unknown and
+repeated ones 8 uppercase hex digits); one value is a scalar, several a list, none "";
+sequences are lists of objects; bulk data is `{"BulkData": {"VR", "Length"}}`. DicomJson:
+PS3.18 F.2 (`{"00100010": {"vr": "PN", "Value": [{"Alphabetic": ...}]}}`), bulk data left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
+
+from soupflow.message.values import Element, Notes, elements, tag_text, values_of
+
+_PERSON_NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def keyword_tags(found: Iterable[Element], notes: Notes) -> dict[str, Any]:
+    tags: dict[str, Any] = {}
+    for element in found:
+        key = keyword_for_tag(element.tag) or tag_text(element.tag)
+        if key in tags:  # repeating groups (60xx) share a keyword
+            key = tag_text(element.tag)
+        tags[key] = _keyword_value(element, notes)
+    return tags
+
+
+def _keyword_value(element: Element, notes: Notes) -> Any:
+    if element.is_bulk:
+        return {"BulkData": {"VR": element.vr, "Length": element.bulk_length}}
+    if element.vr == "SQ":
+        return [keyword_tags(elements(item, notes), notes) for item in element.value or []]
+    values = values_of(element)
+    if not values:
+        return ""
+    return values[0] if len(values) == 1 else values
+
+
+def dicom_json(found: Iterable[Element], notes: Notes) -> dict[str, Any]:
+    tags: dict[str, Any] = {}
+    for element in found:
+        entry: dict[str, Any] = {"vr": element.vr}
+        if element.is_bulk:
+            pass
+        elif element.vr == "SQ":
+            entry["Value"] = [
+                dicom_json(elements(item, notes), notes) for item in element.value or []
+            ]
+        else:
+            values = values_of(element)
+            if element.vr == "PN":
+                values = [_person_name(str(value)) for value in values]
+            if values:
+                entry["Value"] = values
+        tags[tag_text(element.tag)] = entry
+    return tags
+
+
+def _person_name(text: str) -> dict[str, str]:
+    groups = zip(_PERSON_NAME_GROUPS, text.split("="), strict=False)
+    return {name: value for name, value in groups if value}
+
+
+def dataset_tags(dataset: Dataset, notes: Notes, tags_format: str) -> dict[str, Any]:
+    found = elements(dataset, notes)
+    return dicom_json(found, notes) if tags_format == "DicomJson" else keyword_tags(found, notes)
