@@ -11,7 +11,6 @@ bounded whatever the instance size.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -20,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from soupflow.dicomfile import MalformedObjectError, read_object
 from soupflow.store.queue import Arrival, Queue, QueueError
 from soupflow.store.spool import Spool, SpoolError
 from soupflow.workflow.model import DicomReceiverSetting
@@ -52,10 +49,7 @@ REJECT_CALLING_AE = (
 )  # rejected-permanent, service-user, calling AE not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognized
 
-# Values longer than this are not read into memory while checking a received object.
-_DEFER_BYTES = 64 * 1024
 _STOP_POLL_SECONDS = 0.05
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class ListenerError(Exception):
@@ -96,34 +90,12 @@ class Policy:
 
 
 def _check_object(path: Path, sop_class_uid: str, sop_instance_uid: str) -> int | None:
-    """A failure status when the received object is unusable, else None.
-
-    Reads element headers only (large values are skipped, pixel data is never decoded),
-    which is enough to find a truncated or unparseable dataset.
-    """
+    """A failure status when the received object is unusable, else None (headers only)."""
     try:
-        with path.open("rb") as stream:
-            dataset = dcmread(stream, defer_size=_DEFER_BYTES)
-            size = os.fstat(stream.fileno()).st_size
-            ends = [
-                element.value_tell + element.length
-                for element in dataset._dict.values()
-                if isinstance(element, RawDataElement) and element.length != _UNDEFINED_LENGTH
-            ]
-            if ends and max(ends) > size:
-                return CANNOT_UNDERSTAND
-            found_class = str(dataset.get("SOPClassUID", ""))
-            found_instance = str(dataset.get("SOPInstanceUID", ""))
-    except (
-        InvalidDicomError,
-        EOFError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        NotImplementedError,
-        OSError,
-    ):
+        dataset = read_object(path)
+        found_class = str(dataset.get("SOPClassUID", ""))
+        found_instance = str(dataset.get("SOPInstanceUID", ""))
+    except (MalformedObjectError, ValueError, TypeError, KeyError, AttributeError):
         return CANNOT_UNDERSTAND
     if found_class != sop_class_uid or found_instance != sop_instance_uid:
         return DATA_SET_DOES_NOT_MATCH_SOP_CLASS

@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from soupflow.dicomfile import MalformedObjectError, read_object
 from soupflow.message.report import is_structured_report, report
 from soupflow.message.tags import dataset_tags
 from soupflow.message.values import Element, Notes, elements, text_of
@@ -27,8 +27,6 @@ from soupflow.store.queue import Arrival
 from soupflow.workflow.model import DicomMessageTypeOptions
 
 VERSION = 1
-# Values longer than this stay on disk (pixel data and other bulk values are never read).
-DEFER_BYTES = 16 * 1024
 
 COMMON_FIELDS = (
     "PatientID",
@@ -116,10 +114,15 @@ def convert(path: Path, arrival: Arrival, options: Options) -> dict[str, Any]:
     message: dict[str, Any] = {"Version": VERSION, "Association": _association(arrival)}
     notes = Notes()
     try:
-        dataset = dcmread(path, defer_size=DEFER_BYTES)
+        dataset = read_object(path)
         top = {element.tag: element for element in elements(dataset, notes)}
-    except Exception as exc:  # an unparseable object still becomes a message
-        message["Association"]["ParseError"] = f"{type(exc).__name__}: {exc}"[:500]
+    except (
+        MalformedObjectError,
+        Exception,
+    ) as exc:  # an unparseable object still becomes a message
+        message["Association"]["ParseError"] = (
+            str(exc) if isinstance(exc, MalformedObjectError) else type(exc).__name__
+        )
         if options.common_fields:
             message["CommonFields"] = dict.fromkeys(COMMON_FIELDS, "")
         if options.tags:

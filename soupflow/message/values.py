@@ -6,7 +6,9 @@ elements; bulk and binary values are never read (their length is known from the 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,7 @@ from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
@@ -68,7 +71,10 @@ def _declared_vr(raw: RawDataElement) -> str | None:
 
 def elements(dataset: Dataset, notes: Notes) -> Iterator[Element]:
     """The dataset's elements in tag order, converted without touching bulk values."""
-    for item in dataset.elements():
+    # Not `dataset.elements()`: it reads deferred (large) values from the file.
+    raw_elements = dataset._dict
+    for tag in sorted(raw_elements):
+        item = raw_elements[tag]
         if isinstance(item, RawDataElement):
             declared = _declared_vr(item)
             deferred = item.value is None and item.length not in (0, UNDEFINED_LENGTH)
@@ -91,13 +97,36 @@ def elements(dataset: Dataset, notes: Notes) -> Iterator[Element]:
                 continue
         else:
             element = item
-        yield _from_element(element, notes)
+        yield _from_element(_resolved(element, dataset), notes)
 
 
 def _bulk_vr(declared: str | None) -> str:
     if declared is None or " or " in declared:
         return "OB" if declared is None else "OW"
     return declared
+
+
+def _resolved(element: DataElement, dataset: Dataset) -> DataElement:
+    """An element whose VR the dictionary leaves open ("US or SS") decided from the dataset
+    (PS3.5 6.2: e.g. by PixelRepresentation), else read as the first choice."""
+    if " or " not in str(element.VR):
+        return element
+    little_endian = (
+        (dataset.original_encoding[1] is not False) if dataset.original_encoding else True
+    )
+    with contextlib.suppress(Exception):
+        corrected = correct_ambiguous_vr_element(element, dataset, little_endian)
+        if isinstance(corrected, DataElement) and " or " not in str(corrected.VR):
+            return corrected
+    first = str(element.VR).split(" or ")[0]
+    value = element.value
+    if first in ("US", "SS") and isinstance(value, bytes) and len(value) % 2 == 0:
+        numbers = struct.unpack(
+            f"{'<' if little_endian else '>'}{len(value) // 2}{'H' if first == 'US' else 'h'}",
+            value,
+        )
+        return DataElement(element.tag, first, list(numbers) if len(numbers) != 1 else numbers[0])
+    return DataElement(element.tag, first if first not in BULK_VRS else "OB", value)
 
 
 def _from_element(element: DataElement, notes: Notes) -> Element:
