@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install peers clean
+.PHONY: run test lint install peers bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 test: lint peers
 	$(BIN)/python -m pytest
+
+# Speed measured side by side with a baseline in one run (see BENCHMARKS.md).
+bench: $(STAMP)
+	$(BIN)/python -m bench.message
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -115,7 +115,7 @@ def convert(path: Path, arrival: Arrival, options: Options) -> dict[str, Any]:
     notes = Notes()
     try:
         dataset = read_object(path)
-        top = {element.tag: element for element in elements(dataset, notes)}
+        found = list(elements(dataset, notes))
     except (
         MalformedObjectError,
         Exception,
@@ -129,11 +129,11 @@ def convert(path: Path, arrival: Arrival, options: Options) -> dict[str, Any]:
             message["Tags"] = {}
         return message
     if options.common_fields:
-        message["CommonFields"] = _common_fields(top)
+        message["CommonFields"] = _common_fields({element.tag: element for element in found})
     if options.report:
         _add_report(dataset, message, notes)
     if options.tags:
-        message["Tags"] = dataset_tags(dataset, notes, options.tags_format)
+        message["Tags"] = dataset_tags(found, notes, options.tags_format)
     message["Association"]["Warnings"] = notes.warnings
     return message
 

@@ -9,20 +9,25 @@ PS3.18 F.2 (`{"00100010": {"vr": "PN", "Value": [{"Alphabetic": ...}]}}`), bulk 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataset import Dataset
 
 from soupflow.message.values import Element, Notes, elements, tag_text, values_of
 
 _PERSON_NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
 
+@cache
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag) or tag_text(tag)
+
+
 def keyword_tags(found: Iterable[Element], notes: Notes) -> dict[str, Any]:
     tags: dict[str, Any] = {}
     for element in found:
-        key = keyword_for_tag(element.tag) or tag_text(element.tag)
+        key = _keyword(element.tag)
         if key in tags:  # repeating groups (60xx) share a keyword
             key = tag_text(element.tag)
         tags[key] = _keyword_value(element, notes)
@@ -65,6 +70,5 @@ def _person_name(text: str) -> dict[str, str]:
     return {name: value for name, value in groups if value}
 
 
-def dataset_tags(dataset: Dataset, notes: Notes, tags_format: str) -> dict[str, Any]:
-    found = elements(dataset, notes)
+def dataset_tags(found: Iterable[Element], notes: Notes, tags_format: str) -> dict[str, Any]:
     return dicom_json(found, notes) if tags_format == "DicomJson" else keyword_tags(found, notes)

@@ -60,6 +60,10 @@ def tag_text(tag: int) -> str:
     return f"{tag >> 16:04X}{tag & 0xFFFF:04X}"
 
 
+def _tag_label(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
 def _declared_vr(raw: RawDataElement) -> str | None:
     if raw.VR:
         return str(raw.VR)
@@ -73,6 +77,7 @@ def elements(dataset: Dataset, notes: Notes) -> Iterator[Element]:
     """The dataset's elements in tag order, converted without touching bulk values."""
     # Not `dataset.elements()`: it reads deferred (large) values from the file.
     raw_elements = dataset._dict
+    encoding = dataset._character_set  # a property that looks the charset up on every call
     for tag in sorted(raw_elements):
         item = raw_elements[tag]
         if isinstance(item, RawDataElement):
@@ -83,13 +88,9 @@ def elements(dataset: Dataset, notes: Notes) -> Iterator[Element]:
                 yield Element(int(item.tag), _bulk_vr(declared), None, length, is_bulk=True)
                 continue
             try:
-                element = convert_raw_data_element(
-                    item, encoding=dataset._character_set, ds=dataset
-                )
+                element = convert_raw_data_element(item, encoding=encoding, ds=dataset)
             except Exception:  # an unreadable element is kept as text, never fatal
-                notes.add(
-                    f"element ({tag_text(int(item.tag))[:4]},{tag_text(int(item.tag))[4:]}) could not be decoded; kept as text"
-                )
+                notes.add(f"element {_tag_label(int(item.tag))} could not be decoded; kept as text")
                 raw_bytes = item.value or b""
                 yield Element(
                     int(item.tag), declared or "UN", raw_bytes.decode("latin-1").strip(" \x00")
@@ -136,9 +137,7 @@ def _from_element(element: DataElement, notes: Notes) -> Element:
         return Element(int(element.tag), _bulk_vr(vr), None, length, is_bulk=True)
     value = element.value
     if _has_replacement(value):
-        notes.add(
-            f"undecodable bytes in ({tag_text(int(element.tag))[:4]},{tag_text(int(element.tag))[4:]}) were replaced"
-        )
+        notes.add(f"undecodable bytes in {_tag_label(int(element.tag))} were replaced")
     return Element(int(element.tag), vr, value)
 
 

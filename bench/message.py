@@ -1,0 +1,116 @@
+"""DICOM message conversion speed, side by side with pydicom's own JSON on the same data.
+
+    python -m bench.message [--rounds N] [--smoke]
+
+Both sides read the object from disk and produce a JSON-ready dict: soupflow's `convert`
+(every node on) and pydicom's `dcmread` + `Dataset.to_json_dict()`. Data: pydicom's
+CT_small.dcm (a CT-sized header), and an SR with 300 content items generated here. Rounds
+alternate the two sides; the table shows medians and the ratio (higher is better for us).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from soupflow.message.convert import Options, convert
+from soupflow.store.queue import Arrival
+
+ARRIVAL = Arrival("r", "w", "o", 0, "", "", ExplicitVRLittleEndian, "A", "B", "127.0.0.1", 1, 0.0)
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, "99TEST", meaning
+    return code
+
+
+def structured_report(path: Path, items: int) -> Path:
+    dataset = Dataset()
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.Modality, dataset.ValueType = "SR", "CONTAINER"
+    dataset.ConceptNameCodeSequence = Sequence([_code("R-0001", "Report")])
+    dataset.CompletionFlag, dataset.VerificationFlag = "COMPLETE", "VERIFIED"
+    content = []
+    for number in range(items):
+        item = Dataset()
+        item.RelationshipType = "CONTAINS"
+        item.ConceptNameCodeSequence = Sequence([_code(f"F-{number}", f"Finding {number}")])
+        if number % 3 == 0:
+            item.ValueType, item.TextValue = "TEXT", f"Observation number {number} in the report."
+        elif number % 3 == 1:
+            item.ValueType = "CODE"
+            item.ConceptCodeSequence = Sequence([_code(f"C-{number}", f"Code {number}")])
+        else:
+            measured = Dataset()
+            measured.NumericValue = str(number / 10)
+            measured.MeasurementUnitsCodeSequence = Sequence([_code("mm", "millimeter")])
+            item.ValueType, item.MeasuredValueSequence = "NUM", Sequence([measured])
+        content.append(item)
+    dataset.ContentSequence = Sequence(content)
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def per_second(work: Callable[[], object], count: int) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        work()
+    return count / (time.perf_counter() - start)
+
+
+def compare(path: Path, count: int, rounds: int) -> tuple[float, float]:
+    options = Options()
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(per_second(lambda: convert(path, ARRIVAL, options), count))
+        theirs.append(per_second(lambda: dcmread(path).to_json_dict(), count))
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def main(arguments: list[str] | None = None) -> list[tuple[str, float, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few conversions, to keep the harness working"
+    )
+    args = parser.parse_args(arguments)
+    scale = 1 if args.smoke else 20
+    with tempfile.TemporaryDirectory() as folder:
+        cases = [
+            (
+                "CT_small (CT header, 32 KB pixels)",
+                Path(str(get_testdata_file("CT_small.dcm"))),
+                10 * scale,
+            ),
+            (
+                "SR with 300 content items",
+                structured_report(Path(folder) / "sr.dcm", 300),
+                2 * scale,
+            ),
+        ]
+        rounds = 1 if args.smoke else args.rounds
+        results = [(name, *compare(path, count, rounds)) for name, path, count in cases]
+    print(f"{'data':38} {'soupflow msg/s':>15} {'pydicom to_json_dict msg/s':>27} {'ratio':>6}")
+    for name, ours, theirs in results:
+        print(f"{name:38} {ours:15.0f} {theirs:27.0f} {ours / theirs:6.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
