@@ -196,3 +196,16 @@ def test_a_new_allow_list_applies_to_the_next_association_without_cutting_the_op
         assert open_one.is_established
         assert open_one.send_c_echo().Status == SUCCESS
         open_one.release()
+
+
+def test_a_rejection_is_logged_with_ae_titles_and_peer_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level("WARNING", logger="soupflow.listener"),
+        receiving(tmp_path / "data", AcceptedCallingAETs="CT1") as running,
+    ):
+        assert _rejection(associate(running.port, "INTRUDER", "SOUPFLOW")) == (0x01, 0x01, 0x03)
+    [record] = [r for r in caplog.records if "rejected association" in r.getMessage()]
+    assert record.getMessage().startswith("rejected association from 127.0.0.1:")
+    assert "calling 'INTRUDER' called 'SOUPFLOW': calling AE not allowed" in record.getMessage()
