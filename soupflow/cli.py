@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
             f"warning: listening on {args.host}: DICOM traffic is unencrypted (no TLS yet)",
             "yellow",
         )
-    runtime = Runtime(args.workflows, args.data, args.host)
+    runtime = Runtime(args.workflows, args.data, args.host, args.workers, args.keep_objects)
     stopping = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: stopping.set())
@@ -284,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the DICOM listeners of a workflows folder",
         description="Start one C-STORE listener per valid, enabled workflow in the folder. "
         "Each received instance is fsynced to the data folder and queued before the sender "
-        "hears Success. Ctrl-C or SIGTERM stops accepting, lets stores in progress finish, "
-        "and exits 0. Options default to the SOUPFLOW_WORKFLOWS, SOUPFLOW_DATA and "
-        "SOUPFLOW_HOST environment variables.",
+        "hears Success; workers then run its workflow (filters, variables, activities). Ctrl-C or SIGTERM stops accepting, lets stores in progress finish, "
+        "and exits 0. Options default to the SOUPFLOW_WORKFLOWS, SOUPFLOW_DATA,"
+        " SOUPFLOW_HOST, SOUPFLOW_WORKERS and SOUPFLOW_KEEP_OBJECTS environment variables.",
     )
     runner.add_argument(
         "--workflows",
@@ -304,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--host",
         default=os.environ.get("SOUPFLOW_HOST", "127.0.0.1"),
         help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    runner.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("SOUPFLOW_WORKERS", "2")),
+        help="threads processing the queue (default: 2)",
+    )
+    runner.add_argument(
+        "--keep-objects",
+        action="store_true",
+        default=os.environ.get("SOUPFLOW_KEEP_OBJECTS") == "1",
+        help="keep each received object after its message completes (default: delete it)",
     )
     runner.set_defaults(run=_run)
     return parser

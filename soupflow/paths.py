@@ -16,6 +16,16 @@ import jmespath
 import jmespath.exceptions
 import jmespath.parser
 
+from soupflow.workflow.types import (
+    CSV_PATH_TYPES,
+    HL7_PATH_TYPES,
+    JSON_PATH_TYPES,
+    XML_PATH_TYPES,
+    Direction,
+    MessageType,
+    PathType,
+)
+
 JMESPATH_PREFIX = "jmespath:"
 _STEP = re.compile(r"^([^\[\]]+)(?:\[(\d+)\])?$")
 _HL7 = re.compile(
@@ -27,6 +37,34 @@ _HL7 = re.compile(
 
 class PathError(ValueError):
     pass
+
+
+# What a path reads, by family.
+JSON, HL7, TEXT, XML, CSV, NONE = "json", "hl7", "text", "xml", "csv", "none"
+_MESSAGE_FAMILIES = {
+    MessageType.HL7V2: HL7,
+    MessageType.JSON: JSON,
+    MessageType.DICOM: JSON,  # the DICOM message is read as JSON
+    MessageType.XML: XML,
+    MessageType.CSV: CSV,
+}
+
+
+def family(
+    path_type: PathType | None, direction: Direction, message_type: MessageType | None
+) -> str:
+    """How a path is read: its explicit type, else the type of the message it reads."""
+    if direction == Direction.Variable or path_type == PathType.TextWithVariables:
+        return TEXT
+    for types, name in (
+        (HL7_PATH_TYPES, HL7),
+        (JSON_PATH_TYPES, JSON),
+        (XML_PATH_TYPES, XML),
+        (CSV_PATH_TYPES, CSV),
+    ):
+        if path_type in types:
+            return name
+    return _MESSAGE_FAMILIES.get(message_type, NONE) if message_type is not None else JSON
 
 
 @dataclass(frozen=True)

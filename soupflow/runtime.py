@@ -1,9 +1,9 @@
 """The running product: workflows folder -> listeners -> spool + queue. Upstream: cli (`run`).
 
-Loads every workflow file, starts one listener per valid, enabled workflow, and writes what
-is listening to `<data>/listeners.json` (ports included, so a port 0 can be found). Files
-with errors are reported and skipped; a port that cannot be bound is reported for its
-workflow and the others run. Processing of queued messages and hot loading are not built
+Loads every workflow file, starts one listener per valid, enabled workflow and the workers
+that process the queue, and writes what is listening to `<data>/listeners.json` (ports
+included, so a port 0 can be found). Files with errors are reported and skipped; a port that
+cannot be bound is reported for its workflow and the others run. Hot loading is not built
 yet (see README, Status).
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from soupflow.listener import Ingest, Listener, ListenerError, parse_allow_list
 from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
+from soupflow.worker import Workers
 from soupflow.workflow.issues import ConfigIssue
 from soupflow.workflow.load import LoadedWorkflow, load_paths
 
@@ -51,10 +52,16 @@ def who_may_call(allow_list: str) -> str:
 
 
 class Runtime:
-    def __init__(self, workflows: Path, data: Path, host: str) -> None:
+    def __init__(
+        self, workflows: Path, data: Path, host: str, workers: int = 2, keep_objects: bool = False
+    ) -> None:
         self.workflows_folder = workflows
         self.data = data
         self.host = host
+        self.worker_count = workers
+        self.keep_objects = keep_objects
+        self.loaded: dict[str, LoadedWorkflow] = {}
+        self.workers: Workers | None = None
         self.listeners: list[Listener] = []
         self.rows: list[ListenerRow] = []
         self.issues: list[ConfigIssue] = []
@@ -67,11 +74,23 @@ class Runtime:
         recovered = self.queue.recover()
         if recovered:
             log.info("%d message(s) left processing by the last run are queued again", recovered)
-        ingest = Ingest(Spool(self.data), self.queue)
+        spool = Spool(self.data)
+        ingest = Ingest(spool, self.queue)
         for loaded in load_paths([self.workflows_folder]):
             self.issues.extend(loaded.issues)
+            if loaded.valid and loaded.workflow_id:
+                self.loaded[loaded.workflow_id] = loaded
             self.rows.append(self._start(loaded, ingest))
         self._write_listeners_file()
+        self.workers = Workers(
+            self.queue,
+            spool,
+            self.data,
+            self.loaded.get,
+            self.worker_count,
+            keep_objects=self.keep_objects,
+        )
+        self.workers.start()
 
     def _prepare_incoming(self) -> None:
         """Receive into the data folder's filesystem, so spooling is a rename, not a copy.
@@ -125,10 +144,13 @@ class Runtime:
         os.replace(temporary, path)
 
     def stop(self, grace_seconds: float = 10.0) -> None:
-        """Stop accepting, let in-flight stores finish, close the queue."""
+        """Stop accepting, let in-flight stores finish, let workers finish their messages."""
         for listener in self.listeners:
             listener.stop(grace_seconds)
         self.listeners.clear()
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
         if self.queue is not None:
             self.queue.close()
             self.queue = None

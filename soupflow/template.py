@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 _ACTIVITY_MESSAGE = re.compile(
     r"^([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})\s+"
@@ -117,3 +118,28 @@ def _variable(body: str, offset: int) -> Part:
     if not name.strip():
         raise TemplateError(f"'${{{body}}}' names no variable before ':'", offset)
     return Variable(name.strip(), spec, offset)
+
+
+class Resolver(Protocol):
+    """What a template's parts expand to (the pipeline's run context implements it)."""
+
+    def variable(self, name: str, spec: str) -> str: ...
+
+    def activity_message(self, setting_id: str, direction: str) -> str: ...
+
+    def environment(self, name: str) -> str: ...
+
+
+def expand(template: str, resolver: Resolver) -> str:
+    """The template with every `${...}` replaced; TemplateError when it does not parse."""
+    out = []
+    for part in parse_template(template):
+        if isinstance(part, Text):
+            out.append(part.text)
+        elif isinstance(part, Variable):
+            out.append(resolver.variable(part.name, part.spec))
+        elif isinstance(part, ActivityMessage):
+            out.append(resolver.activity_message(part.setting_id, part.direction))
+        else:
+            out.append(resolver.environment(part.name))
+    return "".join(out)

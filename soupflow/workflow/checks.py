@@ -20,13 +20,8 @@ from soupflow import paths, template
 from soupflow.workflow import model
 from soupflow.workflow.jsonpos import pointer_join
 from soupflow.workflow.types import (
-    CSV_PATH_TYPES,
-    HL7_PATH_TYPES,
-    JSON_PATH_TYPES,
-    XML_PATH_TYPES,
     Direction,
     HttpAuthentication,
-    MessageType,
     PathType,
     StringComparer,
     normalize_reference,
@@ -39,8 +34,7 @@ _AE_HINT = "an AE title has 1-16 characters, no backslash and no control charact
 _PYTHON_CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_REFERENCE = re.compile(r"^\s*\$\{\s*env:[A-Za-z_][A-Za-z0-9_]*\s*\}\s*$")
 
-# What a path reads, by family.
-_JSON, _HL7, _TEXT, _OTHER = "json", "hl7", "text", "other"
+_JSON, _HL7, _TEXT, _OTHER = paths.JSON, paths.HL7, paths.TEXT, "other"
 
 
 def ae_title_problem(title: str) -> str | None:
@@ -592,23 +586,12 @@ class _WorkflowChecks:
         self.path(pointer_join(pointer, field), path, self.family(path_type, direction, source))
 
     def family(self, path_type: PathType | None, direction: Direction, source: Entry | None) -> str:
-        if direction == Direction.Variable or path_type == PathType.TextWithVariables:
-            return _TEXT
-        for types, family in (
-            (HL7_PATH_TYPES, _HL7),
-            (JSON_PATH_TYPES, _JSON),
-            (XML_PATH_TYPES | CSV_PATH_TYPES, _OTHER),
-        ):
-            if path_type in types:
-                return family
         setting = source.setting if source else None
-        if setting is None or isinstance(setting, model.DicomReceiverSetting):
-            return _JSON  # the received DICOM message
-        if isinstance(setting, model.SenderSetting):
-            return {MessageType.HL7V2: _HL7, MessageType.JSON: _JSON, MessageType.DICOM: _JSON}.get(
-                setting.message_type, _OTHER
-            )
-        return _OTHER
+        message_type = setting.message_type if isinstance(setting, model.SenderSetting) else None
+        found = paths.family(path_type, direction, message_type)
+        if found in (paths.XML, paths.CSV):
+            return _OTHER
+        return found
 
     def path(self, pointer: str, path: str, family: str) -> None:
         if not path:

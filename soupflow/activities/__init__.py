@@ -1,0 +1,21 @@
+"""Activities: one module per sender kind, each with `run(setting, activity) -> response`.
+
+Upstream: pipeline.run. Adding a kind is one module and one line in `RUNNERS`; a test keeps
+the registry and the model's sender classes in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from soupflow.activities import file_writer, http
+from soupflow.activities.base import Activity
+from soupflow.workflow import model
+
+Runner = Callable[[Any, Activity], "str | None"]
+
+RUNNERS: dict[type[model.SenderSetting], Runner] = {
+    model.FileWriterSenderSetting: file_writer.run,
+    model.HttpSenderSetting: http.run,
+}

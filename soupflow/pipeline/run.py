@@ -1,0 +1,102 @@
+"""One message through its workflow. Upstream: worker. Downstream: filters, transformers,
+activities.
+
+Order (workflow-files.md 2.1-2.4): the receiver's filter (its transformers, then its items;
+false = filtered) -> the receiver's VariableTransformers -> each activity in `Activities`
+order: its filter (false skips only it), its message from `MessageTemplate`, its
+Transformers, then the activity. An activity that already succeeded for this message (an
+earlier attempt) is not run again; its filter and transformers still run, so the variables
+later activities use are the same on every attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import httpx
+
+from soupflow.activities import RUNNERS
+from soupflow.activities.base import Activity
+from soupflow.pipeline.context import RunContext
+from soupflow.pipeline.errors import ActivityError, PermanentError
+from soupflow.pipeline.transformers import filter_passes, run_actions
+from soupflow.workflow import model
+from soupflow.workflow.types import normalize_reference
+
+RECEIVER_STEP = "receiver"
+
+
+@dataclass(frozen=True)
+class Result:
+    state: str  # completed | filtered | failed
+    error: ActivityError | None = None
+    activity_id: str | None = None  # where it failed (RECEIVER_STEP before any activity)
+
+
+def run_message(
+    context: RunContext,
+    done: Collection[str],
+    succeeded: Callable[[str, str], None],
+    http: httpx.Client,
+) -> Result:
+    """Run the workflow for one message; `succeeded(activity_id, detail)` records progress."""
+    workflow = context.workflow
+    receiver = workflow.receiver
+    assert receiver is not None  # RunContext refuses a workflow without one
+    step = RECEIVER_STEP
+    try:
+        if not _host_passes(context, receiver.filters, None):
+            return Result("filtered")
+        _transform(context, receiver.variable_transformers, None)
+        for reference in receiver.activities:
+            activity_id = normalize_reference(reference)
+            entry = workflow.setting(activity_id)
+            if (
+                activity_id is None
+                or entry is None
+                or not isinstance(entry.setting, model.SenderSetting)
+            ):
+                continue
+            step = activity_id
+            _activity(context, activity_id, entry.setting, done, succeeded, http)
+    except ActivityError as exc:
+        return Result("failed", exc, step)
+    return Result("completed")
+
+
+def _activity(
+    context: RunContext,
+    activity_id: str,
+    sender: model.SenderSetting,
+    done: Collection[str],
+    succeeded: Callable[[str, str], None],
+    http: httpx.Client,
+) -> None:
+    if sender.disabled or not _host_passes(context, sender.filters, activity_id):
+        return
+    context.outbound[activity_id] = context.expand(sender.message_template)
+    _transform(context, sender.transformers, activity_id)
+    if activity_id in done:
+        return
+    runner = RUNNERS.get(type(sender))
+    if runner is None:
+        raise PermanentError(f"{type(sender).__name__} activities are not run by this version yet")
+    response = runner(sender, Activity(context, activity_id, context.outbound[activity_id], http))
+    if response is not None:
+        context.inbound[activity_id] = response
+    succeeded(activity_id, "done")
+
+
+def _host_passes(context: RunContext, reference: str | None, activity_id: str | None) -> bool:
+    entry = context.workflow.setting(normalize_reference(reference))
+    if entry is None or not isinstance(entry.setting, model.FilterHostSetting):
+        return True
+    run_actions(context, entry.setting.transformers, activity_id)
+    return filter_passes(context, entry.setting.filters)
+
+
+def _transform(context: RunContext, reference: str | None, activity_id: str | None) -> None:
+    entry = context.workflow.setting(normalize_reference(reference))
+    if entry is not None and isinstance(entry.setting, model.TransformerSetting):
+        run_actions(context, entry.setting.transformers, activity_id)

@@ -1,0 +1,241 @@
+"""Workers: lease a queued message, make its DICOM message, run its workflow, record the end.
+
+Upstream: runtime. Downstream: store.queue, message.convert, pipeline.run. Workers are
+threads (pynetdicom is thread-based). Each activity that succeeds is recorded before the next
+one starts, so a retry resumes at the failed activity. A transient failure is retried with
+exponential backoff and jitter (the failing activity's `RetryInitialSeconds`,
+`RetryMaxSeconds`, `RetryMaxAttempts`); a permanent one, or the last attempt, makes the
+message dead with its reason. Time is a parameter (`clock`), so tests step it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from soupflow.message.convert import Options, convert
+from soupflow.pipeline.context import RunContext
+from soupflow.pipeline.errors import ActivityError, TransientError
+from soupflow.pipeline.run import RECEIVER_STEP, Result, run_message
+from soupflow.store.queue import ActivityOutcome, LeaseLostError, Message, Queue, QueueError, State
+from soupflow.store.spool import Spool
+from soupflow.workflow import model
+from soupflow.workflow.load import Entry, LoadedWorkflow
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 300.0
+_IDLE_SECONDS = 0.2
+_EXPIRE_EVERY_SECONDS = 5.0
+_UNLOADED_RETRY_SECONDS = 30.0
+_DEFAULT_MAX_ATTEMPTS = 10
+
+WorkflowLookup = Callable[[str], LoadedWorkflow | None]
+
+
+def backoff_seconds(
+    attempt: int, initial: float, cap: float, draw: Callable[[], float] = random.random
+) -> float:
+    """Delay before retry number `attempt` (1-based): doubling from `initial`, at most `cap`,
+    half of it fixed and half random ("equal jitter") so that retries spread out."""
+    delay = min(float(cap), float(initial) * 2.0 ** (attempt - 1))
+    return delay / 2 + draw() * delay / 2
+
+
+class Workers:
+    def __init__(
+        self,
+        queue: Queue,
+        spool: Spool,
+        data_folder: Path,
+        workflows: WorkflowLookup,
+        count: int = 2,
+        *,
+        keep_objects: bool = False,
+        clock: Callable[[], float] = time.time,
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> None:
+        self.queue = queue
+        self.spool = spool
+        self.data_folder = data_folder
+        self.workflows = workflows
+        self.count = count
+        self.keep_objects = keep_objects
+        self.clock = clock
+        self.lease_seconds = lease_seconds
+        self.http = httpx.Client()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for number in range(self.count):
+            thread = threading.Thread(
+                target=self._loop,
+                args=(f"worker-{number + 1}",),
+                name=f"soupflow-worker-{number + 1}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the messages in progress (bounded by `timeout`), then stop."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        self._threads.clear()
+        self.http.close()
+
+    def _loop(self, owner: str) -> None:
+        last_expiry = 0.0
+        while not self._stopping.is_set():
+            try:
+                now = self.clock()
+                if now - last_expiry >= _EXPIRE_EVERY_SECONDS:
+                    expired = self.queue.expire_leases(now)
+                    if expired:
+                        log.info("%d message(s) whose worker stopped are queued again", expired)
+                    last_expiry = now
+                message = self.queue.lease(owner, now, self.lease_seconds)
+            except QueueError as exc:
+                log.error("cannot read the queue: %s", exc)
+                message = None
+            if message is None:
+                self._stopping.wait(_IDLE_SECONDS)
+                continue
+            try:
+                self.process(message, owner)
+            except LeaseLostError:
+                log.warning(
+                    "message %s was taken over by another worker after its lease expired",
+                    message.request_id,
+                )
+            except QueueError as exc:
+                log.error(
+                    "cannot record the outcome of message %s: %s (its lease will expire and it runs again)",
+                    message.request_id,
+                    exc,
+                )
+
+    def process(self, message: Message, owner: str) -> None:
+        """Run one leased message to its outcome."""
+        arrival = message.arrival
+        workflow = self.workflows(arrival.workflow_id)
+        if workflow is None or workflow.receiver is None:
+            reason = f"workflow {arrival.workflow_id} is not loaded"
+            self.queue.retry(
+                message.request_id,
+                owner,
+                self.clock(),
+                self.clock() + _UNLOADED_RETRY_SECONDS,
+                reason,
+                None,
+            )
+            log.warning("message %s waits: %s", message.request_id, reason)
+            return
+        object_path = self.spool.root / arrival.object_path
+        if not object_path.is_file():
+            self._dead(
+                message,
+                owner,
+                workflow,
+                RECEIVER_STEP,
+                "the received object is missing from the spool",
+            )
+            return
+        options = Options.from_setting(workflow.receiver.message_type_options)
+        context = RunContext(
+            workflow, convert(object_path, arrival, options), arrival, object_path, self.data_folder
+        )
+        done = {
+            outcome.activity_id
+            for outcome in self.queue.activity_outcomes(message.request_id)
+            if outcome.succeeded
+        }
+
+        def succeeded(activity_id: str, detail: str) -> None:
+            self.queue.record_activity(
+                message.request_id, owner, ActivityOutcome(activity_id, True, detail, self.clock())
+            )
+
+        try:
+            result = run_message(context, done, succeeded, self.http)
+        except Exception as exc:  # a bug must not kill the worker; the message is retried
+            result = Result(
+                "failed", TransientError(f"unexpected {type(exc).__name__}"), RECEIVER_STEP
+            )
+            log.exception("unexpected error running message %s", message.request_id)
+        self._finish(message, owner, workflow, result)
+
+    def _finish(
+        self, message: Message, owner: str, workflow: LoadedWorkflow, result: Result
+    ) -> None:
+        request_id, now = message.request_id, self.clock()
+        if result.state in ("completed", "filtered"):
+            self.queue.finish(request_id, owner, State(result.state), now)
+            if not self.keep_objects:
+                self.spool.remove(request_id)
+            log.info(
+                "message %s (SOPInstanceUID %s) %s",
+                request_id,
+                message.arrival.sop_instance_uid,
+                result.state,
+            )
+            return
+        error = result.error or ActivityError("failed")
+        activity = result.activity_id or RECEIVER_STEP
+        entry = workflow.setting(activity)
+        sender = entry.setting if entry and isinstance(entry.setting, model.SenderSetting) else None
+        attempt = message.attempts + 1
+        max_attempts = sender.retry_max_attempts if sender else _DEFAULT_MAX_ATTEMPTS
+        if isinstance(error, TransientError) and attempt < max_attempts:
+            initial = sender.retry_initial_seconds if sender else 2
+            cap = sender.retry_max_seconds if sender else 600
+            delay = backoff_seconds(attempt, initial, cap)
+            self.queue.retry(request_id, owner, now, now + delay, str(error), activity)
+            log.warning(
+                "message %s: %s failed (attempt %d of %d): %s; retry in %.0f s",
+                request_id,
+                _name(entry),
+                attempt,
+                max_attempts,
+                error,
+                delay,
+            )
+            return
+        reason = (
+            str(error)
+            if not isinstance(error, TransientError)
+            else f"{error} (gave up after {attempt} attempts)"
+        )
+        self._dead(message, owner, workflow, activity, reason)
+
+    def _dead(
+        self, message: Message, owner: str, workflow: LoadedWorkflow, activity: str, reason: str
+    ) -> None:
+        self.queue.finish(
+            message.request_id,
+            owner,
+            State.DEAD,
+            self.clock(),
+            reason=reason,
+            failed_activity=activity,
+        )
+        log.error(
+            "message %s (SOPInstanceUID %s) is dead at %s: %s",
+            message.request_id,
+            message.arrival.sop_instance_uid,
+            _name(workflow.setting(activity)),
+            reason,
+        )
+
+
+def _name(entry: Entry | None) -> str:
+    return entry.label if entry is not None else "the receiver"
