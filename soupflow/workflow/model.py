@@ -205,6 +205,7 @@ FILTER_ITEM_CLASSES: tuple[type[FilterItem], ...] = (
     ValidMessageFilter,
     FilterGroup,
 )
+FILTER_ITEMS_BY_NAME = {cls.__name__: cls for cls in FILTER_ITEM_CLASSES}
 
 
 def _discriminator(classes: tuple[type[Any], ...]) -> Discriminator:

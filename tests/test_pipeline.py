@@ -1,0 +1,308 @@
+"""One message through a workflow, in process: variables, mappings, loops, files, path safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from soupflow.message.convert import Options, convert
+from soupflow.pipeline.context import RunContext
+from soupflow.pipeline.errors import PermanentError
+from soupflow.pipeline.run import Result, run_message
+from soupflow.store.queue import Arrival
+from soupflow.workflow.load import load_text
+from tests import documents
+from tests.dicom import sample_file
+from tests.documents import (
+    RECEIVER_ID,
+    VARIABLES_ID,
+    action,
+    file_writer,
+    filter_host,
+    filter_item,
+    transformer,
+)
+
+WRITER_2 = "77777777-7777-4777-8777-777777777777"
+
+
+def arrival(path: Path) -> Arrival:
+    dataset = dcmread(path, stop_before_pixels=True)
+    return Arrival(
+        "0f0e0d0c-0b0a-4909-8807-060504030201",
+        RECEIVER_ID,
+        "x",
+        path.stat().st_size,
+        str(dataset.SOPClassUID),
+        str(dataset.SOPInstanceUID),
+        "1.2.840.10008.1.2.1",
+        "MODALITY01",
+        "SOUPFLOW",
+        "127.0.0.1",
+        40000,
+        1_790_000_000.0,
+    )
+
+
+def run(
+    document: dict[str, Any],
+    data: Path,
+    sample: Path | None = None,
+    done: frozenset[str] = frozenset(),
+) -> tuple[Result, list[str]]:
+    loaded = load_text(json.dumps(document), Path("w.json"))
+    assert loaded.valid, [str(issue) for issue in loaded.issues]
+    path = sample or sample_file("CT_small.dcm")
+    facts = arrival(path)
+    context = RunContext(loaded, convert(path, facts, Options()), facts, path, data)
+    recorded: list[str] = []
+    with httpx.Client() as client:
+        result = run_message(context, done, lambda activity, _: recorded.append(activity), client)
+    return result, recorded
+
+
+def variables(*actions: dict[str, Any]) -> dict[str, Any]:
+    return transformer(VARIABLES_ID, *actions)
+
+
+def from_message(name: str, path: str, **fields: Any) -> dict[str, Any]:
+    return action(
+        "CreateVariable", VariableName=name, FromPath=path, FromSetting=RECEIVER_ID, **fields
+    )
+
+
+def test_variables_from_the_message_name_files_and_fill_records(tmp_path: Path) -> None:
+    writer = file_writer(
+        FilePathToWrite="out/${Modality}/${Study}.csv",
+        MessageType=5,
+        MessageTemplate="${Modality},${Patient},${SOPInstanceUID}",
+    )
+    document = documents.workflow(
+        writer,
+        variables(
+            from_message("Modality", "CommonFields/Modality", TextFormat="LowerCase"),
+            from_message("Patient", "jmespath:CommonFields.PatientName"),
+            from_message("Study", "CommonFields/StudyDate", Format="yyyy-MM-dd"),
+        ),
+        VariableTransformers=VARIABLES_ID,
+    )
+    result, recorded = run(document, tmp_path)
+    assert (result.state, recorded) == ("completed", [documents.FILE_WRITER_ID])
+    written = tmp_path / "out" / "ct" / "2004-01-19.csv"
+    assert (
+        written.read_text()
+        == "ct,CompressedSamples^CT1,1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322\n"
+    )
+
+
+def test_dicom_file_writer_writes_the_received_object(tmp_path: Path) -> None:
+    result, _ = run(
+        documents.workflow(file_writer(FilePathToWrite="objects/${SOPInstanceUID}.dcm")), tmp_path
+    )
+    assert result.state == "completed"
+    [written] = (tmp_path / "objects").iterdir()
+    assert written.read_bytes() == sample_file("CT_small.dcm").read_bytes()
+
+
+def test_records_append_and_a_full_file_moves_on(tmp_path: Path) -> None:
+    writer = file_writer(
+        FilePathToWrite="out/log.txt",
+        MessageType=13,
+        MessageTemplate="${Count}",
+        MoveIntoDirectoryOnComplete=True,
+        DirectoryToMoveInto="out/done",
+        MaxRecordsPerFile=2,
+    )
+    for count in range(3):
+        document = documents.workflow(
+            writer,
+            variables(
+                action(
+                    "CreateVariable",
+                    VariableName="Count",
+                    FromPath=str(count),
+                    FromDirection=2,
+                    FromType=7,
+                )
+            ),
+            VariableTransformers=VARIABLES_ID,
+        )
+        assert run(document, tmp_path)[0].state == "completed"
+    [full] = (tmp_path / "out" / "done").iterdir()
+    assert full.read_text() == "0\n1\n"
+    assert (tmp_path / "out" / "log.txt").read_text() == "2\n"
+
+
+def test_for_each_over_the_report_builds_hl7_with_mappings_and_appended_lines(
+    tmp_path: Path,
+) -> None:
+    writer = file_writer(
+        FilePathToWrite="out/report.hl7",
+        MessageType=1,
+        MessageTemplate="MSH|^~\\&|SOUPFLOW|||||ORU^R01|${RequestId}|P|2.5.1\rPID|1\r",
+        Transformers=VARIABLES_ID,
+    )
+    mapping = action(
+        "CreateMapping",
+        FromPath="CommonFields/PatientName",
+        FromSetting=RECEIVER_ID,
+        ToPath="PID-5",
+        ToType=8,
+    )
+    loop = [
+        action("ForEach", FromPath="Report/Items", FromSetting=RECEIVER_ID),
+        from_message("ItemName", "Report/Items[1]/Name"),
+        action(
+            "AppendLine",
+            FromPath="OBX|${ForEachIterator}|TX|${ItemName}",
+            FromDirection=2,
+            FromType=7,
+        ),
+        action("Next"),
+    ]
+    document = documents.workflow(writer, variables(mapping, *loop))
+    result, _ = run(document, tmp_path, sample_file("test-SR.dcm"))
+    assert result.state == "completed"
+    segments = (tmp_path / "out" / "report.hl7").read_bytes().decode().strip().split("\r")
+    report = dcmread(sample_file("test-SR.dcm"))
+    names = [
+        item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        for item in report.ContentSequence
+    ]
+    assert segments[1] == "PID|1||||Test^S R"
+    assert segments[2:] == [f"OBX|{n}|TX|{name}" for n, name in enumerate(names, start=1)]
+
+
+def test_mappings_into_a_json_message(tmp_path: Path) -> None:
+    writer = file_writer(
+        FilePathToWrite="out/x.json",
+        MessageType=11,
+        MessageTemplate='{"source": "soupflow"}',
+        Transformers=VARIABLES_ID,
+    )
+    document = documents.workflow(
+        writer,
+        variables(
+            action(
+                "CreateMapping",
+                FromPath="CommonFields/Modality",
+                FromSetting=RECEIVER_ID,
+                ToPath="study/modalities[2]",
+                ToType=12,
+            )
+        ),
+    )
+    assert run(document, tmp_path)[0].state == "completed"
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == {
+        "source": "soupflow",
+        "study": {"modalities": [{}, "CT"]},
+    }
+
+
+def test_conditional_blocks_follow_their_filters(tmp_path: Path) -> None:
+    writer = file_writer(FilePathToWrite="out/x.txt", MessageType=13, MessageTemplate="[${Kind}]")
+    conditional = [
+        action(
+            "BeginConditional",
+            Filters=[filter_item("StringMessageFilter", Path="CommonFields/Modality", Value="MR")],
+        ),
+        action(
+            "CreateVariable", VariableName="Kind", FromPath="magnetic", FromDirection=2, FromType=7
+        ),
+        action("EndConditional"),
+    ]
+    document = documents.workflow(
+        writer, variables(*conditional), VariableTransformers=VARIABLES_ID
+    )
+    assert run(document, tmp_path)[0].state == "completed"
+    assert (tmp_path / "out" / "x.txt").read_text() == "[]\n"
+
+
+def test_a_false_receiver_filter_is_filtered_and_an_activity_filter_skips_only_it(
+    tmp_path: Path,
+) -> None:
+    only_mr = filter_host(
+        documents.FILTER_ID,
+        filter_item("StringMessageFilter", Path="CommonFields/Modality", Value="MR"),
+    )
+    assert (
+        run(documents.workflow(file_writer(), only_mr, Filters=documents.FILTER_ID), tmp_path)[
+            0
+        ].state
+        == "filtered"
+    )
+    skipped = file_writer(Filters=documents.FILTER_ID)
+    kept = file_writer(WRITER_2, Name="Kept", FilePathToWrite="kept/${SOPInstanceUID}.dcm")
+    result, recorded = run(documents.workflow(skipped, kept, only_mr), tmp_path)
+    assert (result.state, recorded) == ("completed", [WRITER_2])
+
+
+def test_a_retry_skips_activities_that_succeeded_but_keeps_their_variables(tmp_path: Path) -> None:
+    sets = transformer(
+        VARIABLES_ID,
+        action(
+            "CreateVariable", VariableName="Tag", FromPath="from-first", FromDirection=2, FromType=7
+        ),
+    )
+    first = file_writer(FilePathToWrite="first/${SOPInstanceUID}.dcm", Transformers=VARIABLES_ID)
+    second = file_writer(
+        WRITER_2,
+        Name="Second",
+        FilePathToWrite="second/${Tag}.txt",
+        MessageType=13,
+        MessageTemplate="x",
+    )
+    result, recorded = run(
+        documents.workflow(first, second, sets),
+        tmp_path,
+        done=frozenset({documents.FILE_WRITER_ID}),
+    )
+    assert (result.state, recorded) == ("completed", [WRITER_2])
+    assert not (tmp_path / "first").exists()
+    assert (tmp_path / "second" / "from-first.txt").exists()
+
+
+def named(folder: Path, patient_name: str) -> Path:
+    dataset = dcmread(sample_file("CT_small.dcm"))
+    dataset.PatientName = patient_name
+    path = folder / "named.dcm"
+    dataset.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("template", "patient_name"),
+    [("out/${Name}.txt", "../../etc/x"), ("${Name}.txt", "/etc/soupflow-x"), ("out/${Name}", "..")],
+)
+def test_a_variable_cannot_lead_a_write_out_of_its_folder(
+    tmp_path: Path, template: str, patient_name: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    writer = file_writer(FilePathToWrite=template, MessageType=13, MessageTemplate="x")
+    document = documents.workflow(
+        writer,
+        variables(from_message("Name", "CommonFields/PatientName")),
+        VariableTransformers=VARIABLES_ID,
+    )
+    result, recorded = run(document, data, named(tmp_path, patient_name))
+    assert result.state == "failed"
+    assert isinstance(result.error, PermanentError)
+    assert "resolves outside its folder" in str(result.error)
+    assert patient_name not in str(result.error)
+    assert recorded == []
+    assert not Path("/etc/soupflow-x.txt").exists()
+    assert [p for p in tmp_path.rglob("*.txt")] == []
+
+
+def test_a_template_that_does_not_parse_is_a_permanent_failure(tmp_path: Path) -> None:
+    loaded_ok = documents.workflow(
+        file_writer(FilePathToWrite="out/${SOPInstanceUID}.dcm", MessageTemplate="${broken")
+    )
+    loaded = load_text(json.dumps(loaded_ok), Path("w.json"))
+    assert not loaded.valid  # validation already says so; the runtime refuses it the same way
