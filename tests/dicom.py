@@ -154,7 +154,7 @@ def free_port() -> int:
 class RuntimeProcess:
     """`soupflow run` in its own process, as an operator runs it."""
 
-    def __init__(self, workflows: Path, data: Path) -> None:
+    def __init__(self, workflows: Path, data: Path, *options: str) -> None:
         self.data = data
         self.log = data.parent / "runtime.log"
         (data / LISTENERS_FILE).unlink(missing_ok=True)
@@ -168,6 +168,7 @@ class RuntimeProcess:
                 str(workflows),
                 "--data",
                 str(data),
+                *options,
             ],
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,

@@ -54,7 +54,7 @@ def many_instances(folder: Path, count: int) -> list[Path]:
 
 def test_kill_9_during_a_transfer_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
     data, workflows = tmp_path / "data", workflows_folder(tmp_path)
-    runtime = RuntimeProcess(workflows, data)
+    runtime = RuntimeProcess(workflows, data, "--workers", "0")  # ingest only: every object stays
     files = many_instances(tmp_path / "send", 200)
     acknowledged: list[str] = []
 
@@ -81,7 +81,7 @@ def test_kill_9_during_a_transfer_loses_nothing_that_was_acknowledged(tmp_path: 
     assert not sender.is_alive()
     assert 60 <= len(acknowledged) < 200, "the kill did not land during the transfer"
 
-    restarted = RuntimeProcess(workflows, data)
+    restarted = RuntimeProcess(workflows, data, "--workers", "0")
     assert restarted.terminate() == 0
     queue, spool = SqliteQueue(data), Spool(data)
     messages = queue.messages(limit=1000)

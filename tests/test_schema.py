@@ -164,7 +164,8 @@ def test_model_and_schema_accept_the_same_documents(base: str, data: st.DataObje
         if data.draw(st.booleans(), label="delete") and key in target:
             del target[key]
         else:
-            target[key] = data.draw(_VALUES, label="value")
+            # A copy: a drawn [] or {} is handed out again, and later mutations must not touch it.
+            target[key] = copy.deepcopy(data.draw(_VALUES, label="value"))
     if data.draw(st.integers(0, 20), label="replace root") == 0:
         document = data.draw(_VALUES, label="root")
     document = copy.deepcopy(document)
