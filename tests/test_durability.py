@@ -136,7 +136,7 @@ def test_a_1_gb_instance_is_received_with_peak_rss_under_200_mb(tmp_path: Path) 
     source = tmp_path / "big.dcm"
     one_gigabyte_instance(source)
     data = tmp_path / "data"
-    runtime = RuntimeProcess(workflows_folder(tmp_path), data)
+    runtime = RuntimeProcess(workflows_folder(tmp_path), data, "--workers", "0")
     try:
         subprocess.run(
             [storescu, "127.0.0.1", str(runtime.port), str(source)],
