@@ -22,6 +22,7 @@ class Received:
 class HttpPeer:
     statuses: list[int] = field(default_factory=list)  # then 200 for ever
     hold_first: bool = False  # keep the first request waiting until `release()`
+    bodies: dict[str, bytes] = field(default_factory=dict)  # response body by path
     requests: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -42,7 +43,7 @@ class HttpPeer:
                 peer.got_request.set()
                 if first and peer.hold_first:
                     peer._release.wait(HOLD_SECONDS)
-                body = b'{"ok": true}'
+                body = peer.bodies.get(self.path, b'{"ok": true}')
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -15,6 +18,7 @@ from soupflow.pipeline.context import RunContext
 from soupflow.pipeline.errors import PermanentError
 from soupflow.pipeline.run import Result, run_message
 from soupflow.store.queue import Arrival
+from soupflow.worker import backoff_seconds
 from soupflow.workflow.load import load_text
 from tests import documents
 from tests.dicom import sample_file
@@ -25,8 +29,10 @@ from tests.documents import (
     file_writer,
     filter_host,
     filter_item,
+    http_sender,
     transformer,
 )
+from tests.http_peer import HttpPeer
 
 WRITER_2 = "77777777-7777-4777-8777-777777777777"
 
@@ -306,3 +312,57 @@ def test_a_template_that_does_not_parse_is_a_permanent_failure(tmp_path: Path) -
     )
     loaded = load_text(json.dumps(loaded_ok), Path("w.json"))
     assert not loaded.valid  # validation already says so; the runtime refuses it the same way
+
+
+def test_http_basic_and_oauth2_client_credentials(tmp_path: Path) -> None:
+    peer = HttpPeer(bodies={"/token": b'{"access_token": "abc123", "expires_in": 3600}'})
+    try:
+        basic = http_sender(
+            Server=peer.url,
+            AuthenticationMode=1,
+            UserName="router",
+            Password="${env:SOUPFLOW_TEST_PASSWORD}",
+            Headers=[{"Name": "X-Modality", "Value": "${Modality}"}],
+        )
+        oauth = http_sender(
+            WRITER_2,
+            Name="OAuth",
+            Server=peer.url,
+            AuthenticationMode=2,
+            UserName="client-1",
+            Password="secret",
+            TokenUrl=peer.url.replace("/hook", "/token"),
+            Scope="dicom",
+        )
+        os.environ["SOUPFLOW_TEST_PASSWORD"] = "s3cret"
+        document = documents.workflow(
+            basic,
+            oauth,
+            variables(from_message("Modality", "CommonFields/Modality")),
+            VariableTransformers=VARIABLES_ID,
+        )
+        assert run(document, tmp_path)[0].state == "completed"
+    finally:
+        os.environ.pop("SOUPFLOW_TEST_PASSWORD", None)
+        peer.close()
+    first, token, second = peer.requests
+    assert first.headers["Authorization"] == "Basic " + base64.b64encode(b"router:s3cret").decode()
+    assert first.headers["X-Modality"] == "CT"
+    assert parse_qs(token.body.decode()) == {
+        "grant_type": ["client_credentials"],
+        "client_id": ["client-1"],
+        "client_secret": ["secret"],
+        "scope": ["dicom"],
+    }
+    assert second.headers["Authorization"] == "Bearer abc123"
+    assert {r.headers["X-Soupflow-Request-Id"] for r in (first, second)} == {
+        "0f0e0d0c-0b0a-4909-8807-060504030201"
+    }
+
+
+@pytest.mark.parametrize(
+    ("attempt", "low", "high"), [(1, 1.0, 2.0), (2, 2.0, 4.0), (4, 8.0, 16.0), (10, 300.0, 600.0)]
+)
+def test_backoff_doubles_with_jitter_up_to_its_cap(attempt: int, low: float, high: float) -> None:
+    assert backoff_seconds(attempt, 2, 600, draw=lambda: 0.0) == low
+    assert backoff_seconds(attempt, 2, 600, draw=lambda: 1.0) == high
