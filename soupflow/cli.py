@@ -22,9 +22,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from soupflow import schemas
+from soupflow import operations, schemas
 from soupflow.runtime import Runtime
 from soupflow.store.queue import QueueError
+from soupflow.watch import watch
 from soupflow.workflow import diff, fmt
 from soupflow.workflow.jsonpos import JsonSyntaxError, parse
 from soupflow.workflow.load import load_paths, workflow_paths
@@ -63,7 +64,10 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, handlers=[_EventLines()], format="%(message)s", force=True
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Libraries log what they handle (request URLs can carry expanded variables, that is PHI):
+    # only their warnings and errors reach the event lines.
+    for library in ("pynetdicom", "httpx", "httpcore", "pydicom", "watchfiles"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     if not _is_loopback(args.host):
         _say(
             _err,
@@ -79,8 +83,6 @@ def _run(args: argparse.Namespace) -> int:
     except QueueError as exc:
         _say(_err, f"cannot start: {exc}", "red")
         return EXIT_PROBLEMS
-    for issue in runtime.issues:
-        _say(_out, str(issue), "red" if issue.severity == "error" else "yellow")
     table = Table(title=f"soupflow listeners on {args.host} (data in {args.data})")
     for column in ("workflow", "port", "AE title", "who may call", "state"):
         table.add_column(column)
@@ -89,10 +91,152 @@ def _run(args: argparse.Namespace) -> int:
         table.add_row(row.workflow, str(row.port or ""), row.our_aet, row.who_may_call, state)
     _out.print(table)
     if not runtime.rows:
-        _say(_out, f"no workflow files in {args.workflows}: nothing listens", "yellow")
+        _say(
+            _out,
+            f"no workflow files in {args.workflows}: nothing listens yet (watching for files)",
+            "yellow",
+        )
+    watcher = threading.Thread(
+        target=watch,
+        args=(args.workflows, runtime.reload, stopping),
+        name="soupflow-watch",
+        daemon=True,
+    )
+    watcher.start()
     stopping.wait()
     _say(_out, "stopping: no new associations; finishing the stores in progress")
     runtime.stop()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- operations
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        rows = operations.status(args.data)
+    except operations.NoDataError as exc:
+        _say(_err, str(exc), "red")
+        return EXIT_PROBLEMS
+    if args.json:
+        _say(_out, json.dumps(operations.status_json(rows), indent=2))
+        return EXIT_OK
+    table = Table(title=f"soupflow status ({args.data})")
+    for column in (
+        "workflow",
+        "port",
+        "state",
+        "queued",
+        "processing",
+        "completed",
+        "filtered",
+        "dead",
+        "oldest pending",
+    ):
+        table.add_column(column)
+    for row in rows:
+        counts = row.counts
+        table.add_row(
+            row.workflow or row.workflow_id,
+            str(row.port or ""),
+            row.state,
+            *(
+                str(counts[state])
+                for state in ("queued", "processing", "completed", "filtered", "dead")
+            ),
+            _age(row.oldest_pending_seconds),
+        )
+    _out.print(table)
+    return EXIT_OK
+
+
+def _dead(args: argparse.Namespace) -> int:
+    ids = args.ids or None
+    if args.action in ("retry", "purge") and not (ids or args.workflow or args.all):
+        _say(
+            _err,
+            f"say which dead messages to {args.action}: REQUEST_ID..., --workflow ID, or --all",
+            "red",
+        )
+        return EXIT_USAGE
+    try:
+        found = operations.dead_messages(args.data, args.workflow, ids, args.workflows)
+    except operations.NoDataError as exc:
+        _say(_err, str(exc), "red")
+        return EXIT_PROBLEMS
+    if args.action == "list":
+        table = Table(title=f"dead messages ({len(found)})")
+        for column in (
+            "RequestId",
+            "workflow",
+            "SOPInstanceUID",
+            "activity",
+            "attempts",
+            "reason",
+            "died",
+        ):
+            table.add_column(column, overflow="fold")
+        for dead in found:
+            died = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(dead.died_at))
+            table.add_row(
+                dead.request_id,
+                dead.workflow_id,
+                dead.sop_instance_uid,
+                dead.activity,
+                str(dead.attempts),
+                dead.reason,
+                died,
+            )
+        _out.print(table)
+        return EXIT_OK
+    if args.action == "show":
+        for dead in found:
+            _say(_out, f"RequestId {dead.request_id}", "bold")
+            for label, value in (
+                ("workflow", dead.workflow_id),
+                ("SOPInstanceUID", dead.sop_instance_uid),
+                ("calling AE", dead.calling_aet),
+                ("failed activity", dead.activity),
+                ("attempts", str(dead.attempts)),
+                ("reason", dead.reason),
+            ):
+                _say(_out, f"  {label}: {value}")
+            for outcome in dead.outcomes:
+                _say(
+                    _out,
+                    f"  activity {outcome.activity_id}: {'succeeded' if outcome.succeeded else 'failed'} ({outcome.detail})",
+                )
+        if ids and len(found) < len(ids):
+            _say(_err, "some ids are not dead messages in this data folder", "yellow")
+            return EXIT_PROBLEMS
+        return EXIT_OK
+    if args.action == "retry":
+        count = operations.retry_dead(args.data, ids, args.workflow)
+        _say(_out, f"{count} dead message(s) queued again")
+        return EXIT_OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            _say(
+                _err,
+                f"purge deletes {len(found)} dead message(s) and their objects for good: confirm with --yes",
+                "red",
+            )
+            return EXIT_USAGE
+        answer = _out.input(
+            f"delete {len(found)} dead message(s) and their objects for good? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            _say(_out, "nothing purged")
+            return EXIT_OK
+    count = operations.purge_dead(args.data, ids, args.workflow)
+    _say(_out, f"{count} dead message(s) purged")
     return EXIT_OK
 
 
@@ -318,6 +462,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep each received object after its message completes (default: delete it)",
     )
     runner.set_defaults(run=_run)
+
+    data_default = Path(os.environ.get("SOUPFLOW_DATA", "data"))
+    status_command = commands.add_parser(
+        "status",
+        help="listeners, queue depth and outcomes per workflow",
+        description="Per workflow: its listener (from the running runtime), how many messages "
+        "are queued, processing, completed, filtered and dead, and the age of the oldest "
+        "pending one.",
+    )
+    status_command.add_argument(
+        "--data", type=Path, default=data_default, help="data folder (default: data)"
+    )
+    status_command.add_argument("--json", action="store_true", help="print JSON for tools")
+    status_command.set_defaults(run=_status)
+
+    dead = commands.add_parser(
+        "dead",
+        help="see, retry or purge dead messages",
+        description="Dead messages wait for an operator. list: every dead message with its "
+        "activity, attempts and reason. show ID...: one in full. retry: queue them again "
+        "(a running runtime picks them up; activities that succeeded are not repeated). "
+        "purge: delete them and their objects (asks first; --yes to skip).",
+    )
+    dead.add_argument("action", choices=("list", "show", "retry", "purge"))
+    dead.add_argument("ids", nargs="*", metavar="REQUEST_ID")
+    dead.add_argument("--workflow", help="only this WorkflowId")
+    dead.add_argument("--all", action="store_true", help="every dead message (retry, purge)")
+    dead.add_argument("--yes", action="store_true", help="purge without asking")
+    dead.add_argument("--data", type=Path, default=data_default, help="data folder (default: data)")
+    dead.add_argument(
+        "--workflows",
+        type=Path,
+        default=Path(os.environ.get("SOUPFLOW_WORKFLOWS", "workflows")),
+        help="workflow files, for activity names (default: workflows)",
+    )
+    dead.set_defaults(run=_dead)
     return parser
 
 

@@ -154,12 +154,20 @@ def free_port() -> int:
 class RuntimeProcess:
     """`soupflow run` in its own process, as an operator runs it."""
 
-    def __init__(self, workflows: Path, data: Path, *options: str) -> None:
+    def __init__(
+        self,
+        workflows: Path,
+        data: Path,
+        *options: str,
+        launcher: tuple[str, ...] = (),
+        wait: bool = True,
+    ) -> None:
         self.data = data
         self.log = data.parent / "runtime.log"
         (data / LISTENERS_FILE).unlink(missing_ok=True)
         self.process = subprocess.Popen(
             [
+                *launcher,
                 sys.executable,
                 "-m",
                 "soupflow",
@@ -174,14 +182,38 @@ class RuntimeProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, "COLUMNS": "200"},
         )
-        rows = wait_for(self._listening, "the runtime to listen")
-        self.ports = {row["workflow_id"]: row["port"] for row in rows}
+        self.ports: dict[str, int] = {}
+        if wait:
+            self.refresh()
+
+    def refresh(self, predicate: Any = None) -> list[dict[str, Any]]:
+        """The listener rows, once `predicate(rows)` holds (bounded wait)."""
+
+        def ready() -> list[dict[str, Any]] | None:
+            rows = self._listening()
+            return rows if rows is not None and (predicate is None or predicate(rows)) else None
+
+        found = wait_for(
+            lambda: (rows,) if (rows := ready()) is not None else None, "the runtime's listeners"
+        )
+        rows: list[dict[str, Any]] = found[0]
+        self.ports = {
+            row["workflow_id"]: row["port"] for row in rows if row["state"] == "listening"
+        }
+        return rows
 
     def _listening(self) -> list[dict[str, Any]] | None:
         if self.process.poll() is not None:
             raise AssertionError(f"soupflow run exited: {self.log.read_text()}")
         path = self.data / LISTENERS_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        try:
+            rows: list[dict[str, Any]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return rows
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8")
 
     @property
     def port(self) -> int:

@@ -1,0 +1,172 @@
+"""What operators ask of a data folder: status and dead messages. Upstream: cli. No printing.
+
+`status` combines the running runtime's `listeners.json` (absent when it is not running) with
+the queue's counts; `dead` lists, shows, retries and purges dead messages. Every value here
+is routing-safe (ids, AE titles, counts, reasons written by soupflow), never PHI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from soupflow.runtime import LISTENERS_FILE
+from soupflow.store.queue import ActivityOutcome, Message, State
+from soupflow.store.spool import Spool
+from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
+from soupflow.workflow.load import LoadedWorkflow, load_paths
+
+
+class NoDataError(Exception):
+    """The data folder has no queue: nothing was ever received there."""
+
+
+def open_queue(data: Path) -> SqliteQueue:
+    if not (data / DATABASE_FILE).is_file():
+        raise NoDataError(
+            f"no queue in {data}: start `soupflow run --data {data}` first, or pass --data"
+        )
+    return SqliteQueue(data)
+
+
+@dataclass(frozen=True)
+class WorkflowStatus:
+    workflow_id: str
+    workflow: str
+    port: int | None
+    state: str  # listening | disabled | failed | invalid | refused | not running
+    counts: dict[str, int]
+    oldest_pending_seconds: float | None
+
+
+def status(data: Path, now: float | None = None) -> list[WorkflowStatus]:
+    moment = time.time() if now is None else now
+    listeners_path = data / LISTENERS_FILE
+    rows: list[dict[str, Any]] = (
+        json.loads(listeners_path.read_text(encoding="utf-8")) if listeners_path.is_file() else []
+    )
+    queue = open_queue(data)
+    try:
+        counts = {entry.workflow_id: entry for entry in queue.counts()}
+    finally:
+        queue.close()
+    found: list[WorkflowStatus] = []
+    seen: set[str] = set()
+    for row in rows:
+        workflow_id = row["workflow_id"]
+        seen.add(workflow_id)
+        found.append(
+            _status(
+                workflow_id,
+                row["workflow"],
+                row["port"] or None,
+                row["state"],
+                counts.get(workflow_id),
+                moment,
+            )
+        )
+    for workflow_id, entry in counts.items():
+        if workflow_id not in seen:
+            found.append(_status(workflow_id, "", None, "not running", entry, moment))
+    return found
+
+
+def _status(
+    workflow_id: str, name: str, port: int | None, state: str, entry: Any, now: float
+) -> WorkflowStatus:
+    by_state = {s.value: (entry.by_state.get(s, 0) if entry else 0) for s in State}
+    oldest = entry.oldest_pending_received_at if entry else None
+    return WorkflowStatus(
+        workflow_id, name, port, state, by_state, None if oldest is None else max(now - oldest, 0.0)
+    )
+
+
+def status_json(rows: list[WorkflowStatus]) -> list[dict[str, Any]]:
+    return [asdict(row) for row in rows]
+
+
+# --------------------------------------------------------------------------------- dead
+@dataclass(frozen=True)
+class DeadMessage:
+    request_id: str
+    workflow_id: str
+    sop_instance_uid: str
+    calling_aet: str
+    activity: str  # the failed activity's name (its id when the workflow is not found)
+    attempts: int
+    reason: str
+    died_at: float
+    outcomes: list[ActivityOutcome]
+
+
+def _names(workflows: Path | None) -> dict[str, str]:
+    """Setting id -> label, from the workflow files (for readable activity names)."""
+    if workflows is None or not workflows.is_dir():
+        return {}
+    labels: dict[str, str] = {}
+    loaded: list[LoadedWorkflow] = load_paths([workflows])
+    for workflow in loaded:
+        for entry in workflow.entries:
+            if entry.id:
+                labels[entry.id] = entry.label
+    return labels
+
+
+def dead_messages(
+    data: Path,
+    workflow_id: str | None = None,
+    request_ids: list[str] | None = None,
+    workflows: Path | None = None,
+) -> list[DeadMessage]:
+    names = _names(workflows)
+    queue = open_queue(data)
+    try:
+        messages = [
+            m
+            for m in queue.messages(State.DEAD, workflow_id, limit=100_000)
+            if not request_ids or m.request_id in request_ids
+        ]
+        return [
+            _dead(message, queue.activity_outcomes(message.request_id), names)
+            for message in messages
+        ]
+    finally:
+        queue.close()
+
+
+def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, str]) -> DeadMessage:
+    activity = message.failed_activity or ""
+    return DeadMessage(
+        message.request_id,
+        message.arrival.workflow_id,
+        message.arrival.sop_instance_uid,
+        message.arrival.calling_aet,
+        names.get(activity, activity),
+        message.attempts,
+        message.reason or "",
+        message.updated_at,
+        outcomes,
+    )
+
+
+def retry_dead(data: Path, request_ids: list[str] | None, workflow_id: str | None) -> int:
+    queue = open_queue(data)
+    try:
+        return queue.revive(request_ids, workflow_id, time.time())
+    finally:
+        queue.close()
+
+
+def purge_dead(data: Path, request_ids: list[str] | None, workflow_id: str | None) -> int:
+    queue = open_queue(data)
+    spool = Spool(data)
+    try:
+        purged = queue.purge(request_ids, workflow_id)
+    finally:
+        queue.close()
+    for message in purged:
+        spool.remove(message.request_id)
+    return len(purged)
