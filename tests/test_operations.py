@@ -403,3 +403,23 @@ def test_a_full_run_logs_no_phi(tmp_path: Path) -> None:
                 phi.update({value, value.replace("^", " ")})
     assert phi, "the test data has PHI to look for"
     assert [value for value in phi if value in log] == []
+
+
+def test_status_shows_the_backlog_and_its_age(tmp_path: Path) -> None:
+    workflows, data = tmp_path / "workflows", tmp_path / "data"
+    workflows.mkdir()
+    place(workflows, "intake.json", documents.workflow(Port=0, AcceptedCallingAETs="*"))
+    runtime = RuntimeProcess(workflows, data, "--workers", "0")
+    try:
+        assert send_files(runtime.port, [CT, CT]) == [0, 0]
+        status = soupflow("status", "--json", "--data", str(data))
+        [row] = json.loads(status.stdout)
+        assert row["counts"]["queued"] == 2
+        assert 0 <= row["oldest_pending_seconds"] < DEADLINE_SECONDS
+        table = soupflow("status", "--data", str(data)).stdout
+        assert "Intake" in table and "listening" in table
+    finally:
+        assert runtime.terminate() == 0
+    assert "not running" in soupflow("status", "--data", str(data)).stdout
+    missing = soupflow("status", "--data", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "no queue in" in missing.stderr
