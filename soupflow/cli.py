@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from soupflow import operations, schemas
+from soupflow.activities.dicom_sender import echo
 from soupflow.runtime import Runtime
 from soupflow.store.queue import QueueError
 from soupflow.watch import watch
@@ -238,6 +239,17 @@ def _dead(args: argparse.Namespace) -> int:
     count = operations.purge_dead(args.data, ids, args.workflow)
     _say(_out, f"{count} dead message(s) purged")
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- echo
+def _echo(args: argparse.Namespace) -> int:
+    ok, what = echo(args.host, args.port, args.aet, args.called_aet, args.timeout)
+    _say(
+        _out if ok else _err,
+        f"{args.called_aet} at {args.host}:{args.port}: {what}",
+        "green" if ok else "red",
+    )
+    return EXIT_OK if ok else EXIT_PROBLEMS
 
 
 # ------------------------------------------------------------------------------- validate
@@ -462,6 +474,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep each received object after its message completes (default: delete it)",
     )
     runner.set_defaults(run=_run)
+
+    echo_command = commands.add_parser(
+        "echo",
+        help="test a DICOM connection (C-ECHO)",
+        description="Associate with a DICOM peer and send a C-ECHO: the way to check a "
+        "DicomSenderSetting's RemoteHost, RemotePort and AE titles. Exit 0 on success.",
+    )
+    echo_command.add_argument("host")
+    echo_command.add_argument("port", type=int)
+    echo_command.add_argument(
+        "--aet", default="SOUPFLOW", help="our (calling) AE title (default: SOUPFLOW)"
+    )
+    echo_command.add_argument(
+        "--called-aet", default="ANY-SCP", help="the peer's AE title (default: ANY-SCP)"
+    )
+    echo_command.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    echo_command.set_defaults(run=_echo)
 
     data_default = Path(os.environ.get("SOUPFLOW_DATA", "data"))
     status_command = commands.add_parser(

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import asdict, dataclass
@@ -88,6 +89,9 @@ class Runtime:
     def start(self) -> None:
         """Open the store, recover from a crash, load the folder, start the workers."""
         self._prepare_incoming()
+        sys.path.insert(
+            0, str(self.workflows_folder.resolve())
+        )  # where PythonCallable modules may live
         self.queue = SqliteQueue(self.data)
         recovered = self.queue.recover()
         if recovered:

@@ -215,17 +215,25 @@ class Workers:
             if not isinstance(error, TransientError)
             else f"{error} (gave up after {attempt} attempts)"
         )
-        self._dead(message, owner, workflow, activity, reason)
+        self._dead(message, owner, workflow, activity, reason, error.detail)
 
     def _dead(
-        self, message: Message, owner: str, workflow: LoadedWorkflow, activity: str, reason: str
+        self,
+        message: Message,
+        owner: str,
+        workflow: LoadedWorkflow,
+        activity: str,
+        reason: str,
+        detail: str = "",
     ) -> None:
+        """Dead: the reason goes to the log and the record; `detail` (may hold PHI) to the record only."""
+        recorded = f"{reason}\n{detail}" if detail else reason
         self.queue.finish(
             message.request_id,
             owner,
             State.DEAD,
             self.clock(),
-            reason=reason,
+            reason=recorded,
             failed_activity=activity,
         )
         log.error(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from soupflow.activities import file_writer, http
+from soupflow.activities import code, dicom_sender, file_writer, http
 from soupflow.activities.base import Activity
 from soupflow.workflow import model
 
@@ -18,4 +18,6 @@ Runner = Callable[[Any, Activity], "str | None"]
 RUNNERS: dict[type[model.SenderSetting], Runner] = {
     model.FileWriterSenderSetting: file_writer.run,
     model.HttpSenderSetting: http.run,
+    model.DicomSenderSetting: dicom_sender.run,
+    model.CodeSenderSetting: code.run,
 }

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class ActivityError(Exception):
-    """An activity (or the steps before it) failed; `str(error)` is the reason an operator sees."""
+    """An activity (or the steps before it) failed; `str(error)` is the reason an operator sees
+    (and the logs carry: soupflow writes it without PHI). `detail` is kept in the dead record
+    only: it may hold values from the message (a Python traceback)."""
+
+    detail: str = ""
 
 
 class TransientError(ActivityError):

@@ -13,6 +13,7 @@ import html
 import json
 from collections.abc import Sequence
 
+from soupflow.activities import code
 from soupflow.formats import format_value
 from soupflow.pipeline.context import RunContext
 from soupflow.pipeline.errors import PermanentError
@@ -120,9 +121,7 @@ def _run_one(context: RunContext, action: model.Action, activity_id: str | None)
         )
         context.append_line(action.to_setting or activity_id, action.to_direction, line)
     elif isinstance(action, model.CodeTransformerAction):
-        raise PermanentError(
-            f"Python code steps ({action.python_callable}) are not run by this version yet"
-        )
+        code.call(action.python_callable, context, activity_id)
 
 
 def formatted(value: str, fields: model.FormattingFields) -> str:
