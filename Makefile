@@ -17,14 +17,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/soupflow run --workflows workflows --data data
 
-# The real peers the tests talk to (dcmtk's storescu, echoscu, storescp), installed when
-# missing and possible (root with apt-get); tests that need a missing peer fail under CI=true.
+# The real peers the tests talk to (dcmtk's storescu, echoscu, storescp; Orthanc with its
+# DICOMweb plugin), installed when missing and possible (root with apt-get); tests that need
+# a missing peer fail under CI=true and skip otherwise.
+PEER_PACKAGES := dcmtk orthanc orthanc-dicomweb
 peers:
-	@if ! command -v storescu >/dev/null 2>&1; then \
+	@if ! command -v storescu >/dev/null 2>&1 || ! command -v Orthanc >/dev/null 2>&1 \
+	    || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing dcmtk"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; \
-	  else echo "dcmtk is missing and cannot be installed here: its tests will skip (fail under CI=true)"; fi; \
+	    echo "installing $(PEER_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PEER_PACKAGES) >/dev/null; \
+	  else echo "$(PEER_PACKAGES): missing and not installable here; their tests skip (fail under CI=true)"; fi; \
 	fi
 
 lint: $(STAMP)

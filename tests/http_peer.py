@@ -32,10 +32,7 @@ class HttpPeer:
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                received = Received(
-                    self.command, self.path, dict(self.headers), self.rfile.read(length)
-                )
+                received = Received(self.command, self.path, dict(self.headers), self._body())
                 with peer._lock:
                     first = not peer.requests
                     peer.requests.append(received)
@@ -49,6 +46,16 @@ class HttpPeer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()
+                return body
 
             do_POST = do_PUT = do_GET = do_DELETE = _handle  # noqa: N815 (http.server names them)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from soupflow.activities import code, dicom_sender, file_writer, http
+from soupflow.activities import code, dicom_sender, file_writer, http, mllp, stow
 from soupflow.activities.base import Activity
 from soupflow.workflow import model
 
@@ -20,4 +20,6 @@ RUNNERS: dict[type[model.SenderSetting], Runner] = {
     model.HttpSenderSetting: http.run,
     model.DicomSenderSetting: dicom_sender.run,
     model.CodeSenderSetting: code.run,
+    model.MLLPSenderSetting: mllp.run,
+    model.StowRsSenderSetting: stow.run,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -41,7 +42,7 @@ def run(setting: model.HttpSenderSetting, activity: Activity) -> str | None:
         auth = httpx.BasicAuth(context.expand(setting.user_name), context.expand(setting.password))
     elif setting.authentication_mode == HttpAuthentication.OAuth2ClientCredentials:
         headers["Authorization"] = f"Bearer {_token(setting, activity)}"
-    response = _send(
+    response = send(
         activity.http,
         setting.server,
         setting.method.name,
@@ -54,9 +55,15 @@ def run(setting: model.HttpSenderSetting, activity: Activity) -> str | None:
     return response.text if setting.wait_for_response else None
 
 
-def _send(
-    client: httpx.Client, server: str, method: str, url: str, **options: object
+def send(
+    client: httpx.Client,
+    server: str,
+    method: str,
+    url: str,
+    conflict_reason: Callable[[httpx.Response], str | None] | None = None,
+    **options: object,
 ) -> httpx.Response:
+    """One request, its status classified; `server` (the setting, not the expanded URL) names it."""
     try:
         response = client.request(method, url, **options)  # type: ignore[arg-type]
     except httpx.TimeoutException:
@@ -69,6 +76,9 @@ def _send(
     if 200 <= status < 300:
         return response
     reason = f"HTTP {status} {response.reason_phrase} from {server!r}"
+    detail = conflict_reason(response) if conflict_reason and status == 409 else None
+    if detail:
+        reason = f"{reason}: {detail}"
     if status >= 500 or status in _TRANSIENT_STATUSES:
         raise TransientError(reason)
     raise PermanentError(reason)
@@ -90,7 +100,7 @@ def _token(setting: model.HttpSenderSetting, activity: Activity) -> str:
     }
     if setting.scope:
         form["scope"] = setting.scope
-    response = _send(
+    response = send(
         activity.http,
         setting.token_url,
         "POST",

@@ -150,7 +150,9 @@ def formatted(value: str, fields: model.FormattingFields) -> str:
 def _encoded(value: str, encoding: ValueEncoding) -> str:
     if encoding == ValueEncoding.HL7Encode:
         table = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "~": "\\R\\", "&": "\\T\\"}
-        return "".join(table.get(char, char) for char in value)
+        escaped = "".join(table.get(char, char) for char in value)
+        # a line break inside a value is `\.br\` (HL7 v2 2.7.6), never a segment break
+        return escaped.replace("\r\n", "\\.br\\").replace("\n", "\\.br\\").replace("\r", "\\.br\\")
     if encoding == ValueEncoding.HL7Decode:
         for escaped, char in (
             ("\\F\\", "|"),

@@ -1,0 +1,161 @@
+"""Real peers the forwarding tests start on loopback: an MLLP listener, and Orthanc with its
+DICOMweb plugin (Debian's packages) in a temporary configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dicom import free_port, wait_for
+
+START, END = b"\x0b", b"\x1c\r"
+
+
+class MllpPeer:
+    """Receives framed HL7 messages; answers each with an ACK (`ack` code) or nothing."""
+
+    def __init__(self, ack: str | None = "AA", text: str = "") -> None:
+        self.ack, self.text = ack, text
+        self.messages: list[str] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.getsockname()[1])
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
+
+    def _handle(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(10)
+            data = b""
+            while END not in data:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            message = data.removeprefix(START).split(END, 1)[0].decode("utf-8")
+            self.messages.append(message)
+            if self.ack is None:
+                self._stopping.wait(3)  # hold the connection, never answer
+                return
+            control_id = message.split("\r")[0].split("|")[9] if message.count("|") > 9 else ""
+            reply = f"MSH|^~\\&|RIS|HOSPITAL|SOUPFLOW||20260101||ACK|1|P|2.5.1\rMSA|{self.ack}|{control_id}|{self.text}\r"
+            connection.sendall(START + reply.encode("utf-8") + END)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+        self.server.close()
+
+
+def require_orthanc() -> str:
+    program = shutil.which("Orthanc")
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if program is None or not plugin.exists():
+        message = "Orthanc and orthanc-dicomweb are not installed (make test installs them as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return program
+
+
+class Orthanc:
+    """Orthanc on loopback ports with its own storage, DICOM AE ORTHANC, DICOMweb on."""
+
+    def __init__(self, folder: Path) -> None:
+        self.program = require_orthanc()
+        self.folder = folder
+        self.http_port, self.dicom_port = free_port(), free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config = folder / "orthanc.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "Name": "soupflow-test",
+                    "StorageDirectory": str(folder / "storage"),
+                    "IndexDirectory": str(folder / "index"),
+                    "HttpPort": self.http_port,
+                    "DicomPort": self.dicom_port,
+                    "DicomAet": "ORTHANC",
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "DicomCheckCalledAet": False,
+                    "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+                    "StableAge": 1,
+                    "HttpTimeout": 60,
+                }
+            )
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def start(self) -> None:
+        log = (self.folder / "orthanc.log").open("ab")
+        self.process = subprocess.Popen(
+            [self.program, str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        wait_for(self._answers, "Orthanc to answer")
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError((self.folder / "orthanc.log").read_text(errors="replace")[-2000:])
+        try:
+            self.get("/system")
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.http_port}{path}", timeout=30
+        ) as response:
+            body = response.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def instance_file(self, sop_instance_uid: str) -> bytes | None:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/tools/lookup",
+            data=sop_instance_uid.encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            found = [entry for entry in json.loads(response.read()) if entry["Type"] == "Instance"]
+        if not found:
+            return None
+        data: bytes = self.get(f"/instances/{found[0]['ID']}/file")
+        return data
