@@ -133,14 +133,32 @@ def test_forwarded_objects_arrive_byte_identical_in_their_own_transfer_syntax(
         )
 
 
-def test_a_refused_transfer_syntax_is_dead_with_the_reason(tmp_path: Path) -> None:
+def test_a_refused_compressed_syntax_falls_back_to_decompressed(tmp_path: Path) -> None:
     with storescp(tmp_path / "pacs") as port:  # uncompressed only
         [message], _ = run_until_final(tmp_path, forwarding(port), [JPEG])
+        [received] = (tmp_path / "pacs").iterdir()
+    assert message.state == State.COMPLETED
+    stored = dcmread(received)
+    assert stored.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+    assert stored.SOPInstanceUID == dcmread(JPEG).SOPInstanceUID
+    assert len(stored.PixelData) == stored.Rows * stored.Columns * stored.SamplesPerPixel
+
+
+def test_a_refused_syntax_that_cannot_be_decoded_here_is_dead_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    jpeg_ls = sample_file("MR_small_jpeg_ls_lossless.dcm")
+    with storescp(
+        tmp_path / "pacs"
+    ) as port:  # uncompressed only; no JPEG-LS decoder installed here
+        [message], _ = run_until_final(tmp_path, forwarding(port), [jpeg_ls])
     assert (message.state, message.failed_activity) == (State.DEAD, SENDER_ID)
+    reason = message.reason or ""
     assert (
-        "refused SOP class 1.2.840.10008.5.1.4.1.1.7 in transfer syntax 1.2.840.10008.1.2.4.50"
-        in (message.reason or "")
+        "refused SOP class 1.2.840.10008.5.1.4.1.1.4 in transfer syntax 1.2.840.10008.1.2.4.80"
+        in reason
     )
+    assert "decoding it here failed" in reason
 
 
 def test_an_unreachable_peer_is_retried_then_dead(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 The object goes byte-exact (pynetdicom sends the stored dataset bytes as they are) in its own
 transfer syntax, as `OurAET` to `RemoteAET` at `RemoteHost:RemotePort`, with `TimeoutSeconds`
-on the association, the network and the response. Status mapping (PS3.4 Annex B.2.3):
+on the association, the network and the response. For a compressed object an uncompressed
+context is proposed too: when the peer accepts only that, the object is decoded (pydicom with
+numpy and Pillow) and sent decompressed, and the outcome says so; an object that cannot be
+decoded here is dead with the reason. Status mapping (PS3.4 Annex B.2.3):
 Success and the warnings (0xB000, 0xB006, 0xB007) succeed, the warning is recorded;
 0xA7xx (out of resources), an abort, a transient rejection or no connection are transient;
 0xA9xx, 0xCxxx, a permanent rejection or a refused transfer syntax are permanent.
@@ -12,6 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -22,6 +28,7 @@ from soupflow.workflow import model
 # Send stored objects as they are: no decode, no re-encode (byte-exact forwarding).
 _config.STORE_SEND_CHUNKED_DATASET = True
 
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 SUCCESS = 0x0000
 WARNINGS = {
     0xB000: "coercion of data elements",
@@ -35,19 +42,41 @@ def run(setting: model.DicomSenderSetting, activity: Activity) -> str | None:
     arrival = activity.context.arrival
     ae = _application_entity(setting.our_aet.strip(), float(setting.timeout_seconds))
     ae.add_requested_context(arrival.sop_class_uid, arrival.transfer_syntax_uid)
+    compressed = UID(arrival.transfer_syntax_uid).is_compressed
+    if compressed:
+        ae.add_requested_context(arrival.sop_class_uid, UNCOMPRESSED)
     refused = PermanentError(
         f"{_where(setting)} refused SOP class {arrival.sop_class_uid} "
         f"in transfer syntax {arrival.transfer_syntax_uid}"
     )
     assoc = _associate(ae, setting, refused)
+    note = ""
     try:
-        if not any(cx.abstract_syntax == arrival.sop_class_uid for cx in assoc.accepted_contexts):
+        accepted = {
+            cx.transfer_syntax[0]
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == arrival.sop_class_uid
+        }
+        if arrival.transfer_syntax_uid in accepted:
+            response: Any = assoc.send_c_store(activity.context.object_path)
+        elif compressed and accepted:
+            response = assoc.send_c_store(_decompressed(activity, refused))
+            note = f" (sent decompressed: the peer refused {arrival.transfer_syntax_uid})"
+        else:
             raise refused
-        response: Any = assoc.send_c_store(activity.context.object_path)
     finally:
         if assoc.is_established:
             assoc.release()
-    return _outcome(setting, response)
+    return _outcome(setting, response) + note
+
+
+def _decompressed(activity: Activity, refused: PermanentError) -> Dataset:
+    try:
+        dataset = dcmread(activity.context.object_path)
+        dataset.decompress(generate_instance_uid=False)  # the instance keeps its identity
+    except Exception as exc:  # no decoder for this transfer syntax here, or bad pixel data
+        raise PermanentError(f"{refused}; decoding it here failed ({type(exc).__name__})") from None
+    return dataset
 
 
 def _where(setting: model.DicomSenderSetting) -> str:
