@@ -440,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the DICOM listeners of a workflows folder",
         description="Start one C-STORE listener per valid, enabled workflow in the folder. "
         "Each received instance is fsynced to the data folder and queued before the sender "
-        "hears Success; workers then run its workflow (filters, variables, activities). Ctrl-C or SIGTERM stops accepting, lets stores in progress finish, "
-        "and exits 0. Options default to the SOUPFLOW_WORKFLOWS, SOUPFLOW_DATA,"
+        "hears Success; workers then run its workflow (filters, variables, activities). The "
+        "folder is watched: files that appear, change or go take effect while it runs. "
+        "Ctrl-C or SIGTERM stops accepting, lets stores in progress finish, and exits 0. Options default to the SOUPFLOW_WORKFLOWS, SOUPFLOW_DATA,"
         " SOUPFLOW_HOST, SOUPFLOW_WORKERS and SOUPFLOW_KEEP_OBJECTS environment variables.",
     )
     runner.add_argument(
@@ -465,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=int(os.environ.get("SOUPFLOW_WORKERS", "2")),
-        help="threads processing the queue (default: 2)",
+        help="threads processing the queue (default: 2; 0 receives and queues only)",
     )
     runner.add_argument(
         "--keep-objects",

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -232,3 +233,37 @@ class RuntimeProcess:
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=DEADLINE_SECONDS)
+
+
+class CutSender:
+    """Sends files over one association in a thread, recording each SOPInstanceUID that was
+    answered Success, for tests that cut the receiver off mid-transfer. Short timeouts: the
+    sender gives up soon after the receiver is gone, and what it saw by then is final."""
+
+    def __init__(self, port: int, files: list[Path]) -> None:
+        self.port, self.files = port, files
+        self.acknowledged: list[str] = []
+        self.thread = threading.Thread(target=self._send)
+        self.thread.start()
+
+    def _send(self) -> None:
+        ae = AE(ae_title="MODALITY01")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+        ae.add_requested_context(
+            "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+        )  # CT, explicit VR LE
+        with chunked_send():
+            assoc = ae.associate("127.0.0.1", self.port)
+            for path in self.files:
+                if not assoc.is_established:
+                    return
+                response = assoc.send_c_store(path)
+                if "Status" in response and response.Status == 0:
+                    self.acknowledged.append(
+                        str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                    )
+            assoc.release()
+
+    def join(self) -> None:
+        self.thread.join(timeout=DEADLINE_SECONDS)
+        assert not self.thread.is_alive(), "the sender did not give up"

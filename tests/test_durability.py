@@ -6,23 +6,19 @@ from __future__ import annotations
 import hashlib
 import struct
 import subprocess
-import threading
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 
-from soupflow.listener import SUCCESS
 from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
 from tests.dicom import (
-    DEADLINE_SECONDS,
     NODELAY,
+    CutSender,
     RuntimeProcess,
-    chunked_send,
     require_tool,
     sample_file,
     wait_for,
@@ -56,29 +52,11 @@ def test_kill_9_during_a_transfer_loses_nothing_that_was_acknowledged(tmp_path: 
     data, workflows = tmp_path / "data", workflows_folder(tmp_path)
     runtime = RuntimeProcess(workflows, data, "--workers", "0")  # ingest only: every object stays
     files = many_instances(tmp_path / "send", 200)
-    acknowledged: list[str] = []
-
-    def send() -> None:
-        ae = AE(ae_title="MODALITY01")
-        # Short, so the sender gives up soon after the receiver dies: what it saw by then is final.
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-        ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
-        with chunked_send():
-            assoc = ae.associate("127.0.0.1", runtime.port)
-            for path in files:
-                if not assoc.is_established:
-                    return
-                response = assoc.send_c_store(path)
-                if "Status" in response and response.Status == SUCCESS:
-                    acknowledged.append(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-            assoc.release()
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    wait_for(lambda: len(acknowledged) >= 60, "60 acknowledged stores")
+    sender = CutSender(runtime.port, files)
+    wait_for(lambda: len(sender.acknowledged) >= 60, "60 acknowledged stores")
     runtime.kill()
-    sender.join(timeout=DEADLINE_SECONDS)
-    assert not sender.is_alive()
+    sender.join()
+    acknowledged = sender.acknowledged
     assert 60 <= len(acknowledged) < 200, "the kill did not land during the transfer"
 
     restarted = RuntimeProcess(workflows, data, "--workers", "0")

@@ -9,23 +9,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 
 from soupflow.store.queue import FINAL_STATES, State
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
 from tests.dicom import (
     DEADLINE_SECONDS,
+    CutSender,
     RuntimeProcess,
     associate,
-    chunked_send,
     free_port,
     sample_file,
     send_files,
@@ -222,28 +219,12 @@ def test_sigterm_during_a_transfer_exits_cleanly_and_loses_nothing(tmp_path: Pat
     )
     runtime = RuntimeProcess(workflows, data)
     files = many_instances(tmp_path / "send", 200)
-    acknowledged: list[str] = []
-
-    def send() -> None:
-        ae = AE(ae_title="MODALITY01")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)
-        with chunked_send():
-            assoc = ae.associate("127.0.0.1", runtime.port)
-            for path in files:
-                if not assoc.is_established:
-                    return
-                response = assoc.send_c_store(path)
-                if "Status" in response and response.Status == 0:
-                    acknowledged.append(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-            assoc.release()
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    wait_for(lambda: len(acknowledged) >= 50, "50 acknowledged stores")
+    sender = CutSender(runtime.port, files)
+    wait_for(lambda: len(sender.acknowledged) >= 50, "50 acknowledged stores")
     runtime.process.send_signal(signal.SIGTERM)
     assert runtime.process.wait(timeout=10) == 0
-    sender.join(timeout=DEADLINE_SECONDS)
+    sender.join()
+    acknowledged = sender.acknowledged
     again = RuntimeProcess(workflows, data)
     try:
         wait_for(
