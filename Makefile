@@ -40,8 +40,9 @@ test: lint peers
 	$(BIN)/python -m pytest
 
 # Speed measured side by side with a baseline in one run (see BENCHMARKS.md).
-bench: $(STAMP)
+bench: $(STAMP) peers
 	$(BIN)/python -m bench.message
+	$(BIN)/python -m bench.ingest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

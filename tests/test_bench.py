@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import message
+from bench import ingest, message
 
 
 def test_message_benchmark_smoke() -> None:
@@ -12,3 +12,11 @@ def test_message_benchmark_smoke() -> None:
         "SR with 300 content items",
     ]
     assert all(ours > 0 and theirs > 0 for _, ours, theirs in results)
+
+
+def test_ingest_benchmark_smoke() -> None:
+    lines = ingest.main(["--smoke"])
+    rows = [line for line in lines[2:] if "not installed" not in line]
+    assert len(lines) == 2 + 4 * 4
+    assert all("soupflow" in line for line in lines[2::4])
+    assert rows, "at least soupflow itself was measured"

@@ -4,14 +4,13 @@ instance is received with bounded memory."""
 from __future__ import annotations
 
 import hashlib
-import struct
 import subprocess
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from bench.data import large_instance
 from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
@@ -72,34 +71,6 @@ def test_kill_9_during_a_transfer_loses_nothing_that_was_acknowledged(tmp_path: 
     queue.close()
 
 
-def one_gigabyte_instance(path: Path) -> int:
-    """A Secondary Capture with 1 GiB of pixel data, written without holding it in memory."""
-    size = 1 << 30
-    dataset = Dataset()
-    dataset.SOPClassUID = SECONDARY_CAPTURE
-    dataset.SOPInstanceUID = generate_uid()
-    dataset.PatientName, dataset.PatientID, dataset.Modality = "BIG^INSTANCE", "BIG1", "OT"
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.Rows, dataset.Columns = 16384, 32768
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = (
-        16,
-        16,
-        15,
-        0,
-    )
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.save_as(path, enforce_file_format=True)
-    chunk = bytes(range(256)) * 32768  # 8 MiB
-    with path.open("ab") as stream:
-        stream.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))
-        for _ in range(size // len(chunk)):
-            stream.write(chunk)
-    return size
-
-
 def digest_after(path: Path, offset: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -112,7 +83,7 @@ def digest_after(path: Path, offset: int) -> str:
 def test_a_1_gb_instance_is_received_with_peak_rss_under_200_mb(tmp_path: Path) -> None:
     storescu = require_tool("storescu")
     source = tmp_path / "big.dcm"
-    one_gigabyte_instance(source)
+    large_instance(source, 1 << 30)
     data = tmp_path / "data"
     runtime = RuntimeProcess(workflows_folder(tmp_path), data, "--workers", "0")
     try:
