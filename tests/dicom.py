@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from pydicom import dcmread
@@ -33,14 +32,21 @@ NODELAY = {**os.environ, "TCP_NODELAY": "1"}  # Debian's dcmtk leaves Nagle on w
 DEADLINE_SECONDS = 30.0
 
 
+def unavailable(reason: str) -> NoReturn:
+    """A real peer or privilege a test needs is missing: a failure under CI=true (CI must run
+    every real-peer test), a skip naming the reason elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def require_tool(name: str) -> str:
-    """The tool's path; a missing tool fails under CI=true and skips elsewhere."""
+    """The tool's path, or `unavailable`."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (make test installs dcmtk as root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(
+            f"{name} is not installed (make test installs dcmtk, orthanc and orthanc-dicomweb as root)"
+        )
     return path
 
 
@@ -143,13 +149,6 @@ def wait_for(predicate: Any, what: str, seconds: float = DEADLINE_SECONDS) -> An
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-
-
-def free_port() -> int:
-    """A port the OS says is free now (for peers, like dcmtk's storescp, that need a number)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class RuntimeProcess:

@@ -13,9 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.dicom import free_port, wait_for
+from bench.ingest import free_port
+from tests.dicom import unavailable, wait_for
 
 START, END = b"\x0b", b"\x1c\r"
 
@@ -72,10 +71,9 @@ def require_orthanc() -> str:
     program = shutil.which("Orthanc")
     plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
     if program is None or not plugin.exists():
-        message = "Orthanc and orthanc-dicomweb are not installed (make test installs them as root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(
+            "Orthanc and orthanc-dicomweb are not installed (make test installs them as root)"
+        )
     return program
 
 

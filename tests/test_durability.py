@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 
-from bench.data import large_instance
+from bench.data import images, large_instance
 from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
@@ -19,7 +18,6 @@ from tests.dicom import (
     CutSender,
     RuntimeProcess,
     require_tool,
-    sample_file,
     wait_for,
 )
 
@@ -35,16 +33,8 @@ def workflows_folder(tmp_path: Path) -> Path:
 
 
 def many_instances(folder: Path, count: int) -> list[Path]:
-    folder.mkdir()
-    template = dcmread(sample_file("CT_small.dcm"))
-    paths = []
-    for number in range(count):
-        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        template.InstanceNumber = number + 1
-        path = folder / f"{number:03d}.dcm"
-        template.save_as(path)
-        paths.append(path)
-    return paths
+    """`count` CT instances (CT_small's header, 128 x 128 pixels), each with its own UID."""
+    return images(folder, count, 128, 128)
 
 
 def test_kill_9_during_a_transfer_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:

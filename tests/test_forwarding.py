@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from bench.ingest import free_port
 from soupflow.store.queue import FINAL_STATES, Message, State
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
@@ -20,7 +21,6 @@ from tests.dicom import (
     NODELAY,
     RuntimeProcess,
     dataset_bytes,
-    free_port,
     require_tool,
     sample_file,
     send_files,

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
+from bench.ingest import free_port
 from soupflow.listener import SUCCESS
 from tests.dicom import (
     NODELAY,
     associate,
     dataset_bytes,
-    free_port,
     receiving,
     require_tool,
     sample_file,

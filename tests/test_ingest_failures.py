@@ -27,6 +27,7 @@ from tests.dicom import (
     receiving,
     sample_file,
     send_files,
+    unavailable,
     wait_for,
 )
 
@@ -76,7 +77,7 @@ def small_filesystem(folder: Path, size: str) -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+        unavailable(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
         yield folder
     finally:

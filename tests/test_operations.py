@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
+from bench.ingest import free_port
 from soupflow.store.queue import FINAL_STATES, State
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
@@ -23,7 +23,7 @@ from tests.dicom import (
     CutSender,
     RuntimeProcess,
     associate,
-    free_port,
+    require_tool,
     sample_file,
     send_files,
     wait_for,
@@ -177,9 +177,9 @@ def test_a_second_file_on_a_running_port_is_refused_naming_the_first(tmp_path: P
 
 
 def test_a_privileged_port_is_a_clear_error_for_its_workflow_only(tmp_path: Path) -> None:
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is needed to run without the right to bind ports < 1024")
+    setpriv = require_tool(
+        "setpriv"
+    )  # util-linux: runs the runtime without the right to bind ports < 1024
     workflows, data = tmp_path / "workflows", tmp_path / "data"
     workflows.mkdir()
     place(workflows, "a-privileged.json", documents.workflow(Port=80))

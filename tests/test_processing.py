@@ -148,8 +148,9 @@ def retry_workflow(url: str) -> dict[str, Any]:
     )
 
 
-def test_a_503_is_retried_and_an_activity_that_succeeded_never_runs_again(tmp_path: Path) -> None:
-    peer = HttpPeer(statuses=[503, 503])
+def run_against(tmp_path: Path, statuses: list[int]) -> tuple[Message, HttpPeer, Path]:
+    """One CT instance through `retry_workflow`, the HTTP peer answering `statuses` first."""
+    peer = HttpPeer(statuses=statuses)
     runtime, data = start(tmp_path, retry_workflow(peer.url))
     try:
         assert send_files(runtime.port, [sample_file("CT_small.dcm")]) == [0]
@@ -157,6 +158,11 @@ def test_a_503_is_retried_and_an_activity_that_succeeded_never_runs_again(tmp_pa
     finally:
         runtime.terminate()
         peer.close()
+    return message, peer, data
+
+
+def test_a_503_is_retried_and_an_activity_that_succeeded_never_runs_again(tmp_path: Path) -> None:
+    message, peer, data = run_against(tmp_path, [503, 503])
     assert (message.state, message.attempts) == (State.COMPLETED, 3)
     assert (data / "out" / "log.txt").read_text().splitlines() == [
         "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
@@ -166,14 +172,7 @@ def test_a_503_is_retried_and_an_activity_that_succeeded_never_runs_again(tmp_pa
 
 
 def test_a_400_is_dead_at_once_with_the_status_in_the_reason(tmp_path: Path) -> None:
-    peer = HttpPeer(statuses=[400])
-    runtime, data = start(tmp_path, retry_workflow(peer.url))
-    try:
-        assert send_files(runtime.port, [sample_file("CT_small.dcm")]) == [0]
-        [message] = final_messages(data, 1)
-    finally:
-        runtime.terminate()
-        peer.close()
+    message, peer, _ = run_against(tmp_path, [400])
     assert (message.state, message.attempts, message.failed_activity) == (
         State.DEAD,
         1,

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from tests import documents
@@ -41,30 +37,10 @@ def test_a_port_in_use_fails_only_its_workflow(tmp_path: Path) -> None:
 def test_sigterm_stops_cleanly_and_a_public_bind_is_warned_about(tmp_path: Path) -> None:
     workflows = tmp_path / "workflows"
     workflows.mkdir()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "soupflow",
-            "run",
-            "--workflows",
-            str(workflows),
-            "--data",
-            str(tmp_path / "data"),
-            "--host",
-            "0.0.0.0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert process.stdout is not None
-    for line in process.stdout:  # bounded: the runtime prints this line, then waits
-        if "nothing listens" in line:
-            break
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=30)
-    assert process.returncode == 0
-    assert "listening on 0.0.0.0: DICOM traffic is unencrypted" in err
-    assert "stopping" in out
+    runtime = RuntimeProcess(workflows, tmp_path / "data", "--host", "0.0.0.0")
+    assert runtime.refresh() == []  # listening on nothing yet, waiting for files
+    assert runtime.terminate() == 0
+    log = runtime.log_text()
+    assert "listening on 0.0.0.0: DICOM traffic is unencrypted" in log
+    assert "nothing listens yet (watching for files)" in log
+    assert "stopping" in log
