@@ -200,12 +200,16 @@ def measure(receiver: str, scenario: Scenario, work: Path) -> tuple[float, int] 
 
 
 def run(
-    scenarios: list[Scenario], runs: int, work: Path, report: Callable[[str], None]
+    scenarios: list[Scenario],
+    runs: int,
+    work: Path,
+    report: Callable[[str], None],
+    receivers: tuple[str, ...] = RECEIVERS,
 ) -> dict[str, Result]:
     results = {scenario.name: Result() for scenario in scenarios}
     for number in range(runs):
         for scenario in scenarios:
-            order = RECEIVERS if number % 2 == 0 else tuple(reversed(RECEIVERS))  # alternate
+            order = receivers if number % 2 == 0 else tuple(reversed(receivers))  # alternate
             for receiver in order:
                 measured = measure(receiver, scenario, work)
                 if measured is not None:
@@ -215,7 +219,9 @@ def run(
     return results
 
 
-def table(scenarios: list[Scenario], results: dict[str, Result]) -> list[str]:
+def table(
+    scenarios: list[Scenario], results: dict[str, Result], receivers: tuple[str, ...] = RECEIVERS
+) -> list[str]:
     lines = [
         "| scenario | receiver | rate (median) | soupflow / receiver | peak RSS |",
         "|---|---|---:|---:|---:|",
@@ -223,7 +229,7 @@ def table(scenarios: list[Scenario], results: dict[str, Result]) -> list[str]:
     for scenario in scenarios:
         result = results[scenario.name]
         ours = statistics.median(result.rates["soupflow"]) if "soupflow" in result.rates else None
-        for receiver in RECEIVERS:
+        for receiver in receivers:
             if receiver not in result.rates:
                 lines.append(f"| {scenario.name} | {receiver} | not installed | | |")
                 continue
@@ -241,7 +247,18 @@ def main(arguments: list[str] | None = None) -> list[str]:
     parser.add_argument(
         "--smoke", action="store_true", help="a few small instances, to keep the harness working"
     )
+    parser.add_argument(
+        "--receivers",
+        default=",".join(RECEIVERS),
+        help="comma-separated subset of: " + ", ".join(RECEIVERS),
+    )
+    parser.add_argument(
+        "--scenarios",
+        default="",
+        help="only scenarios whose name contains one of these (comma-separated)",
+    )
     args = parser.parse_args(arguments)
+    receivers = tuple(name for name in RECEIVERS if name in args.receivers.split(","))
     with tempfile.TemporaryDirectory(prefix="soupflow-bench-") as folder:
         work = Path(folder)
         if args.smoke:
@@ -266,8 +283,10 @@ def main(arguments: list[str] | None = None) -> list[str]:
                 "one large instance", [large_instance(work / "large.dcm", large_bytes)], unit="MB/s"
             ),
         ]
-        results = run(scenarios, runs, work, lambda line: print(line, file=sys.stderr))
-        lines = table(scenarios, results)
+        wanted = [name for name in args.scenarios.split(",") if name]
+        scenarios = [s for s in scenarios if not wanted or any(w in s.name for w in wanted)]
+        results = run(scenarios, runs, work, lambda line: print(line, file=sys.stderr), receivers)
+        lines = table(scenarios, results, receivers)
     print("\n".join(lines))
     return lines
 

@@ -1,12 +1,18 @@
-"""Reading a stored Part 10 object: element headers only, large values left on disk. Pure.
+"""Part 10 objects: the header soupflow writes, and reading one back. Pure.
 
-Upstream: listener (is a received object usable?), message.convert. pydicom is lenient: it
-stops quietly at bytes it cannot read. `read_object` adds the check a router needs: the
-dataset holds elements, and none of them claims more bytes than the object has.
+Upstream: association (`file_meta`), listener (`identify`: is a received object usable?),
+message.convert (`read_object`). pydicom is lenient: it stops quietly at bytes it cannot
+read. `read_object` adds the check a router needs: the dataset holds elements, and none of
+them claims more bytes than the object has. `identify` runs on every C-STORE before Success,
+so it walks the element headers itself (no dataset is built) and leaves anything unusual to
+`read_object`: it gives the same answer, only faster on well-formed objects.
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
+import uuid
 from pathlib import Path
 
 from pydicom import dcmread
@@ -16,6 +22,22 @@ from pydicom.dataset import Dataset
 # Values longer than this stay on disk (pixel data and other bulk values are never read).
 DEFER_BYTES = 16 * 1024
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+# A UUID-derived UID (PS3.5 B.2): soupflow has no registered root of its own.
+IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'soupflow:implementation').int}"
+IMPLEMENTATION_VERSION_NAME = "SOUPFLOW_0_1"
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
+_MAX_NESTING = 32
+_SOP_CLASS_UID = (0x0008, 0x0016)
+_SOP_INSTANCE_UID = (0x0008, 0x0018)
 
 
 class MalformedObjectError(ValueError):
@@ -43,3 +65,154 @@ def read_object(path: Path) -> Dataset:
                 "past the end of the object (truncated?)"
             )
     return dataset
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, prefix and File Meta Information of a received object (PS3.10 7.1)."""
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _uid(sop_class_uid)),
+            _meta_element(0x0003, b"UI", _uid(sop_instance_uid)),
+            _meta_element(0x0010, b"UI", _uid(transfer_syntax_uid)),
+            _meta_element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+        )
+    )
+    return (
+        bytes(128)
+        + b"DICM"
+        + _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+        + elements
+    )
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    encoded = value.encode("ascii")
+    return encoded + b"\0" if len(encoded) % 2 else encoded
+
+
+def identify(path: Path) -> tuple[str, str]:
+    """(SOP Class UID, SOP Instance UID) of a Part 10 object, or MalformedObjectError."""
+    try:
+        return _Walk(path).identify()
+    except (_UnclearError, struct.error, ValueError, OSError):
+        dataset = read_object(path)
+        return str(dataset.get("SOPClassUID", "")), str(dataset.get("SOPInstanceUID", ""))
+
+
+class _UnclearError(Exception):
+    """Not a plainly well-formed object: `read_object` decides."""
+
+
+class _Walk:
+    """Element headers of a Part 10 object, walked in place (mmap), values skipped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.found: dict[tuple[int, int], str] = {}
+
+    def identify(self) -> tuple[str, str]:
+        with (
+            self.path.open("rb") as file,
+            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view,
+        ):
+            if view[128:132] != b"DICM":
+                raise _UnclearError
+            offset, transfer_syntax = self._meta(view)
+            if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
+                implicit, endian = True, "<"
+            elif transfer_syntax == EXPLICIT_VR_BIG_ENDIAN:
+                implicit, endian = False, ">"
+            elif transfer_syntax.endswith(".99"):  # deflated: pydicom inflates it
+                raise _UnclearError
+            else:
+                implicit, endian = False, "<"
+            end = self._dataset(view, offset, len(view), implicit, endian, depth=0)
+            if end != len(view) or end == offset:
+                raise _UnclearError
+        return self.found.get(_SOP_CLASS_UID, ""), self.found.get(_SOP_INSTANCE_UID, "")
+
+    def _meta(self, view: mmap.mmap) -> tuple[int, str]:
+        offset, transfer_syntax = 132, None
+        while view[offset : offset + 2] == b"\x02\x00":
+            element, length, value_at = self._header(view, offset, implicit=False, endian="<")
+            if element[1] == 0x0010:
+                transfer_syntax = _text(view[value_at : value_at + length])
+            offset = value_at + length
+        if transfer_syntax is None or offset > len(view):
+            raise _UnclearError
+        return offset, transfer_syntax
+
+    @staticmethod
+    def _header(
+        view: mmap.mmap, offset: int, implicit: bool, endian: str
+    ) -> tuple[tuple[int, int], int, int]:
+        group, element = struct.unpack_from(endian + "HH", view, offset)
+        if implicit or group == 0xFFFE:
+            (length,) = struct.unpack_from(endian + "I", view, offset + 4)
+            return (group, element), length, offset + 8
+        vr = view[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from(endian + "I", view, offset + 8)
+            return (group, element), length, offset + 12
+        if vr in _SHORT_VRS:
+            (length,) = struct.unpack_from(endian + "H", view, offset + 6)
+            return (group, element), length, offset + 8
+        raise _UnclearError
+
+    def _dataset(
+        self, view: mmap.mmap, offset: int, end: int, implicit: bool, endian: str, depth: int
+    ) -> int:
+        """Walk elements from `offset`; return where they end (an item's delimiter when nested)."""
+        while offset < end:
+            tag, length, value_at = self._header(view, offset, implicit, endian)
+            if tag == (0xFFFE, 0xE00D) and depth > 0:
+                return value_at
+            if tag[0] == 0xFFFE:
+                raise _UnclearError
+            if length == _UNDEFINED_LENGTH:
+                un = not implicit and view[offset + 4 : offset + 6] == b"UN"
+                offset = self._items(
+                    view, value_at, end, implicit or un, "<" if un else endian, depth
+                )
+                continue
+            if value_at + length > end:
+                raise _UnclearError
+            if depth == 0 and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID):
+                self.found[tag] = _text(view[value_at : value_at + length])
+            offset = value_at + length
+        if depth > 0:
+            raise _UnclearError  # an undefined-length item without its delimiter
+        return offset
+
+    def _items(
+        self, view: mmap.mmap, offset: int, end: int, implicit: bool, endian: str, depth: int
+    ) -> int:
+        """Walk the items of an undefined-length value (a sequence or encapsulated pixels)."""
+        if depth >= _MAX_NESTING:
+            raise _UnclearError
+        while offset + 8 <= end:
+            group, element, length = struct.unpack_from(endian + "HHI", view, offset)
+            offset += 8
+            if (group, element) == (0xFFFE, 0xE0DD):
+                return offset
+            if (group, element) != (0xFFFE, 0xE000):
+                raise _UnclearError
+            if length == _UNDEFINED_LENGTH:
+                offset = self._dataset(view, offset, end, implicit, endian, depth + 1)
+            elif offset + length > end:
+                raise _UnclearError
+            else:
+                offset += length
+        raise _UnclearError
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", errors="replace").rstrip("\0 ")

@@ -1,39 +1,38 @@
 """C-STORE listener: accept, spool, enqueue, answer. Upstream: runtime. Downstream: store.
 
-One pynetdicom AE per workflow port. Association policy (the calling-AE allow-list with the
-format's semantics, `EnforceOurAET`, `MaxAssociations`, timeouts) is applied at A-ASSOCIATE.
-A C-STORE is answered Success only after the object's bytes are fsynced in the spool and its
-queue entry is committed; every failure maps to a named status and the handler never raises.
-pynetdicom streams each dataset to a file as it arrives (chunked receive), so memory stays
-bounded whatever the instance size.
+One listening socket per workflow port; each accepted connection is an `Association` in
+its own thread. Association policy (the calling-AE allow-list with the format's semantics,
+`EnforceOurAET`, `MaxAssociations`, timeouts) is applied at A-ASSOCIATE. A C-STORE is
+answered Success only after the object's bytes are fsynced in the spool and its queue
+entry is committed; every failure maps to a named status and the store path never raises.
+
+Why not pynetdicom's AE here (it is soupflow's SCU, and the tests' peer): its acceptor
+polls two reactor loops that each sleep 1 ms per idle pass and decodes every PDU through
+generic machinery, which capped soupflow's ingest at a third of dcmtk's (BENCHMARKS.md).
+The acceptor in `association` reuses pynetdicom's A-ASSOCIATE PDU codec and context
+negotiation and frames the data phase itself.
 """
 
 from __future__ import annotations
 
 import logging
+import selectors
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
-
-from soupflow.dicomfile import MalformedObjectError, read_object
+from soupflow.association import Association, Received
+from soupflow.dicomfile import MalformedObjectError, identify
 from soupflow.store.queue import Arrival, Queue, QueueError
 from soupflow.store.spool import Spool, SpoolError
+from soupflow.upperlayer import REJECT_LOCAL_LIMIT, Request
 from soupflow.workflow.model import DicomReceiverSetting
 
 log = logging.getLogger(__name__)
-
-# pynetdicom's process-wide switches: stream datasets to a file instead of memory, and
-# accept every storage SOP class (private ones too) in the transfer syntax proposed first.
-_config.STORE_RECV_CHUNKED_DATASET = True
-_config.UNRESTRICTED_STORAGE_SERVICE = True
 
 # C-STORE statuses, PS3.4 Annex B.2.3 (Table B.2-1) and PS3.7 Annex C.
 SUCCESS = 0x0000
@@ -49,7 +48,8 @@ REJECT_CALLING_AE = (
 )  # rejected-permanent, service-user, calling AE not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognized
 
-_STOP_POLL_SECONDS = 0.05
+_ABORT_WAIT_SECONDS = 5.0
+_ACCEPT_RETRY_SECONDS = 0.1
 
 
 class ListenerError(Exception):
@@ -92,9 +92,7 @@ class Policy:
 def _check_object(path: Path, sop_class_uid: str, sop_instance_uid: str) -> int | None:
     """A failure status when the received object is unusable, else None (headers only)."""
     try:
-        dataset = read_object(path)
-        found_class = str(dataset.get("SOPClassUID", ""))
-        found_instance = str(dataset.get("SOPInstanceUID", ""))
+        found_class, found_instance = identify(path)
     except (MalformedObjectError, ValueError, TypeError, KeyError, AttributeError):
         return CANNOT_UNDERSTAND
     if found_class != sop_class_uid or found_instance != sop_instance_uid:
@@ -110,23 +108,27 @@ class Ingest:
         self.queue = queue
         self.clock = clock
 
-    def store(self, workflow_id: str, event: Any) -> int:
-        request, assoc = event.request, event.assoc
-        sop_class_uid = str(request.AffectedSOPClassUID)
-        sop_instance_uid = str(request.AffectedSOPInstanceUID)
-        source = Path(event.dataset_path)
-        problem = _check_object(source, sop_class_uid, sop_instance_uid)
+    def store(self, workflow_id: str, received: Received) -> int:
+        """The status to answer; the received file is moved into the spool or removed."""
+        try:
+            return self._store(workflow_id, received)
+        finally:
+            received.path.unlink(missing_ok=True)
+
+    def _store(self, workflow_id: str, received: Received) -> int:
+        sop_instance_uid = received.sop_instance_uid
+        problem = _check_object(received.path, received.sop_class_uid, sop_instance_uid)
         if problem is not None:
             log.warning(
-                "refused SOPInstanceUID %s from %s: status 0x%04X",
+                "refused SOPInstanceUID %s from %r: status 0x%04X",
                 sop_instance_uid,
-                assoc.requestor.ae_title,
+                received.calling_aet,
                 problem,
             )
             return problem
         request_id = str(uuid.uuid4())
         try:
-            byte_count = self.spool.commit(source, request_id)
+            byte_count = self.spool.commit(received.path, request_id)
         except SpoolError as exc:
             log.error(
                 "cannot spool SOPInstanceUID %s (RequestId %s): %s; answered 0xA700",
@@ -140,13 +142,13 @@ class Ingest:
             workflow_id=workflow_id,
             object_path=self.spool.relative(request_id),
             byte_count=byte_count,
-            sop_class_uid=sop_class_uid,
+            sop_class_uid=received.sop_class_uid,
             sop_instance_uid=sop_instance_uid,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            calling_aet=assoc.requestor.ae_title,
-            called_aet=assoc.acceptor.ae_title,
-            peer_address=assoc.requestor.address,
-            peer_port=assoc.requestor.port,
+            transfer_syntax_uid=received.transfer_syntax_uid,
+            calling_aet=received.calling_aet,
+            called_aet=received.called_aet,
+            peer_address=received.peer_address,
+            peer_port=received.peer_port,
             received_at=self.clock(),
         )
         try:
@@ -181,36 +183,39 @@ class Listener:
         self.ingest = ingest
         self.policy = Policy.from_receiver(receiver)
         self._refusing = threading.Event()
-        self._server: ThreadedAssociationServer | None = None
-        self._ae: AE | None = None
+        self._server: socket.socket | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None
+        self._acceptor: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._associations: set[Association] = set()
+        self._admitted: set[Association] = set()
 
     @property
     def port(self) -> int:
         """The bound port (the one the OS chose when `Port` is 0)."""
         if self._server is None:
             return self.receiver.port
-        return int(self._server.server_address[1])
+        return int(self._server.getsockname()[1])
+
+    @property
+    def active_associations(self) -> int:
+        """Connections being served (established or negotiating)."""
+        with self._lock:
+            return len(self._associations)
 
     def start(self) -> None:
         receiver = self.receiver
-        ae = AE(ae_title=receiver.our_aet.strip())
-        timeout = float(receiver.association_timeout_seconds)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
-        ae.maximum_associations = receiver.max_associations
-        ae.maximum_pdu_size = receiver.max_pdu_size
-        ae.add_supported_context(Verification)
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._on_connection_open),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_STORE, self._on_c_store),
-            (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_REJECTED, self._on_rejected),
-        ]
         try:
-            server = ae.start_server((self.host, receiver.port), block=False, evt_handlers=handlers)  # type: ignore[arg-type]
+            family = socket.getaddrinfo(self.host, receiver.port, type=socket.SOCK_STREAM)[0][0]
+            server = socket.create_server((self.host, receiver.port), family=family, backlog=128)
         except OSError as exc:
             raise ListenerError(_bind_problem(self.host, receiver.port, exc)) from exc
-        self._ae, self._server = ae, server
+        self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
+        self._server, self._wake = server, socket.socketpair()
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name=f"listener {self.workflow_id}", daemon=True
+        )
+        self._acceptor.start()
         log.info(
             "workflow %s listening on %s:%d as %s",
             self.workflow_id,
@@ -227,74 +232,117 @@ class Listener:
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to `grace_seconds`, then
         refuse stores (0xA700) and abort what is left."""
-        server, ae = self._server, self._ae
-        if server is None or ae is None:
+        server, wake, acceptor = self._server, self._wake, self._acceptor
+        if server is None or wake is None or acceptor is None:
             return
-        server.shutdown()
-        deadline = time.monotonic() + grace_seconds
-        while ae.active_associations and time.monotonic() < deadline:
-            time.sleep(_STOP_POLL_SECONDS)
-        self._refusing.set()
-        for assoc in ae.active_associations:
-            assoc.abort()
-        self._server = None
+        wake[1].send(b"x")
+        acceptor.join()
+        server.close()
+        for end in wake:
+            end.close()
+        self._server = self._wake = self._acceptor = None
+        with self._lock:
+            self._lock.wait_for(lambda: not self._associations, timeout=grace_seconds)
+            self._refusing.set()
+            left = list(self._associations)
+        for association in left:
+            association.abort()
+        with self._lock:
+            self._lock.wait_for(lambda: not self._associations, timeout=_ABORT_WAIT_SECONDS)
         log.info("workflow %s stopped listening", self.workflow_id)
 
-    # --------------------------------------------------------------------- handlers
-    def _on_connection_open(self, event: Any) -> None:
-        """Bound every read and write on the connection by the association timeout.
+    # --------------------------------------------------------------------- serving
+    def _accept_loop(self) -> None:
+        assert self._server is not None and self._wake is not None
+        server, wake = self._server, self._wake[0]
+        with selectors.DefaultSelector() as selector:
+            selector.register(server, selectors.EVENT_READ)
+            selector.register(wake, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if wake in ready:
+                    return
+                try:
+                    connection, _ = server.accept()
+                except OSError as exc:  # out of file descriptors, or the peer already left
+                    log.error(
+                        "workflow %s cannot accept a connection: %s", self.workflow_id, exc.strerror
+                    )
+                    time.sleep(_ACCEPT_RETRY_SECONDS)
+                    continue
+                self._serve(connection)
 
-        pynetdicom reads a PDU only once data is waiting, then blocks until the length its
-        header announced has arrived; without a socket timeout a peer that stops mid-PDU
-        (or sends garbage that looks like a header) would hold the connection forever.
-        """
-        event.assoc.dul.socket.socket.settimeout(float(self.receiver.association_timeout_seconds))
-
-    def _on_requested(self, event: Any) -> None:
-        assoc = event.assoc
-        request = assoc.requestor.primitive
-        calling, called = str(request.calling_ae_title), str(request.called_ae_title)
-        rejection = self.policy.rejection(calling, called)
-        if rejection is None:
+    def _serve(self, connection: socket.socket) -> None:
+        receiver = self.receiver
+        try:
+            association = Association(
+                connection,
+                self.ingest.spool.incoming,
+                our_aet=receiver.our_aet.strip(),
+                our_max_pdu=receiver.max_pdu_size,
+                timeout_seconds=float(receiver.association_timeout_seconds),
+                decide=self._decide,
+                store=self._store,
+            )
+        except OSError:  # the peer left before we looked at it
+            connection.close()
             return
-        reason = (
-            "calling AE not allowed" if rejection == REJECT_CALLING_AE else "called AE is not ours"
-        )
-        log.warning(
-            "rejected association from %s:%s calling %r called %r: %s",
-            assoc.requestor.address,
-            assoc.requestor.port,
-            calling,
-            called,
-            reason,
-        )
-        assoc.acse.send_reject(*rejection)
-        assoc.kill()  # returns once the A-ASSOCIATE-RJ is on the wire (pynetdicom's own pattern)
+        with self._lock:
+            self._associations.add(association)
+        threading.Thread(
+            target=self._run,
+            args=(association,),
+            name=f"association {self.workflow_id}",
+            daemon=True,
+        ).start()
 
-    def _on_established(self, event: Any) -> None:
-        requestor = event.assoc.requestor
-        log.info(
-            "accepted association from %s:%s calling %r",
-            requestor.address,
-            requestor.port,
-            requestor.ae_title,
-        )
+    def _run(self, association: Association) -> None:
+        try:
+            association.run()
+        finally:
+            with self._lock:
+                self._associations.discard(association)
+                self._admitted.discard(association)
+                self._lock.notify_all()
 
-    def _on_rejected(self, event: Any) -> None:
-        requestor = event.assoc.requestor
-        log.warning(
-            "rejected association from %s:%s calling %r (limit or negotiation)",
-            requestor.address,
-            requestor.port,
-            requestor.ae_title,
-        )
+    def _decide(self, association: Association, request: Request) -> tuple[int, int, int] | None:
+        where = (association.peer_address, association.peer_port)
+        rejection = self.policy.rejection(request.calling_aet, request.called_aet)
+        if rejection is not None:
+            reason = (
+                "calling AE not allowed"
+                if rejection == REJECT_CALLING_AE
+                else "called AE is not ours"
+            )
+            log.warning(
+                "rejected association from %s:%s calling %r called %r: %s",
+                *where,
+                request.calling_aet,
+                request.called_aet,
+                reason,
+            )
+            return rejection
+        with self._lock:
+            if len(self._admitted) >= self.receiver.max_associations:
+                limit = self.receiver.max_associations
+                log.warning(
+                    "rejected association from %s:%s calling %r: %d associations open (MaxAssociations)",
+                    *where,
+                    request.calling_aet,
+                    limit,
+                )
+                return REJECT_LOCAL_LIMIT
+            self._admitted.add(association)
+        log.info("accepted association from %s:%s calling %r", *where, request.calling_aet)
+        return None
 
-    def _on_c_store(self, event: Any) -> int:
+    def _store(self, received: Received) -> int:
         if self._refusing.is_set():
+            received.path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
         try:
-            return self.ingest.store(self.workflow_id, event)
-        except Exception as exc:  # the handler never raises: any surprise is "out of resources"
+            return self.ingest.store(self.workflow_id, received)
+        except Exception as exc:  # the store path never raises: any surprise is "out of resources"
             log.error(
                 "C-STORE for workflow %s failed: %s; answered 0xA700",
                 self.workflow_id,

@@ -14,9 +14,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +29,6 @@ from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 log = logging.getLogger(__name__)
 
 LISTENERS_FILE = "listeners.json"
-INCOMING_FOLDER = "incoming"
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,8 @@ class Runtime:
 
     def start(self) -> None:
         """Open the store, recover from a crash, load the folder, start the workers."""
-        self._prepare_incoming()
+        spool = Spool(self.data)
+        spool.clear_incoming()
         sys.path.insert(
             0, str(self.workflows_folder.resolve())
         )  # where PythonCallable modules may live
@@ -96,7 +94,6 @@ class Runtime:
         recovered = self.queue.recover()
         if recovered:
             log.info("%d message(s) left processing by the last run are queued again", recovered)
-        spool = Spool(self.data)
         self._ingest = Ingest(spool, self.queue)
         self.reload()
         self.workers = Workers(
@@ -108,16 +105,6 @@ class Runtime:
             keep_objects=self.keep_objects,
         )
         self.workers.start()
-
-    def _prepare_incoming(self) -> None:
-        """Receive into the data folder's filesystem, so spooling is a rename, not a copy.
-
-        Files left there by a crash were never acknowledged to any sender: they go.
-        """
-        incoming = self.data / INCOMING_FOLDER
-        shutil.rmtree(incoming, ignore_errors=True)
-        incoming.mkdir(parents=True, exist_ok=True)
-        tempfile.tempdir = str(incoming)
 
     # --------------------------------------------------------------------------- reload
     def reload(self) -> None:

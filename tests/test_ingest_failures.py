@@ -157,7 +157,7 @@ def test_a_peer_that_stops_mid_pdu_is_dropped_and_others_are_served(tmp_path: Pa
         raw = assoc.dul.socket.socket
         raw.sendall(b"\x04\x00\x00\x00\x40\x00\x00\x00\x3c\x01")  # a P-DATA header, then silence
         wait_for(
-            lambda: not running.listener._ae.active_associations, "the listener to drop the peer"
+            lambda: not running.listener.active_associations, "the listener to drop the peer"
         )  # type: ignore[union-attr]
         assoc.abort()
         assert send_files(running.port, [CT]) == [SUCCESS]

@@ -1,9 +1,10 @@
 """Object files: received Part 10 objects, made durable before anything is acknowledged.
 
-Upstream: listener (`commit`), workers (`path`, `remove`). Layout under the data folder:
-`objects/<first two hex digits of the request id>/<request id>.dcm`. A file is durable once
-`commit` returns: its bytes and its directory entry are fsynced (a crash one instant later
-keeps it).
+Upstream: association (writes into `incoming`), listener (`commit`), workers (`path`,
+`remove`). Layout under the data folder: `incoming/` for objects being received (on the
+same filesystem, so committing is a rename), `objects/<first two hex digits of the request
+id>/<request id>.dcm`. A file is durable once `commit` returns: its bytes and its
+directory entry are fsynced (a crash one instant later keeps it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ class SpoolError(OSError):
 class Spool:
     def __init__(self, data_folder: Path) -> None:
         self.root = data_folder / "objects"
+        self.incoming = data_folder / "incoming"
+
+    def clear_incoming(self) -> None:
+        """Start with an empty incoming folder: what a crash left there was never acknowledged."""
+        shutil.rmtree(self.incoming, ignore_errors=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
 
     def path(self, request_id: str) -> Path:
         return self.root / request_id[:2] / f"{request_id}.dcm"

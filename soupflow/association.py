@@ -1,0 +1,348 @@
+"""One accepted connection: the acceptor's side of the DICOM upper layer, C-ECHO and C-STORE.
+
+Upstream: listener (accepts the connection, decides who may associate, makes a received
+object durable). Downstream: upperlayer (PDUs), dimse (command sets), dicomfile (file meta).
+
+Each association runs in its own thread with blocking reads; the association timeout is
+the socket timeout, so it bounds the wait for the A-ASSOCIATE-RQ (ARTIM), for every read
+inside a PDU, and for an idle peer. Dataset fragments are written to a file in the
+incoming folder as they arrive: memory stays bounded whatever the instance or PDU size,
+and nothing is decoded on the way. Only when the last fragment is in does the listener's
+`store` decide the status; the response goes out after it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from soupflow import dimse, upperlayer
+from soupflow.dicomfile import file_meta
+from soupflow.upperlayer import AcceptedContext, ProtocolError, Request
+
+log = logging.getLogger(__name__)
+
+_READ_BUFFER = 256 * 1024
+_WRITE_BUFFER = 1024 * 1024
+_COPY_CHUNK = 1024 * 1024
+_MAX_COMMAND_BYTES = 64 * 1024  # a C-STORE-RQ command set is a few hundred bytes
+
+OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused, Out of Resources
+
+
+@dataclass(frozen=True)
+class Received:
+    """A dataset received in full, in a Part 10 file under the incoming folder."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_aet: str
+    called_aet: str
+    peer_address: str
+    peer_port: int
+
+
+# What the listener decides: an A-ASSOCIATE-RJ for a request (or None to accept), and the
+# C-STORE status for a received dataset (the callee owns, and removes, the file).
+Decide = Callable[["Association", Request], tuple[int, int, int] | None]
+Store = Callable[[Received], int]
+
+
+class _Dataset:
+    """The file a C-STORE's dataset is streamed into. A write failure is remembered (the
+    peer keeps sending; the rest is read and dropped) and answered when the dataset ends."""
+
+    def __init__(self, path: Path, command: dimse.Command, context: AcceptedContext) -> None:
+        self.path = path
+        self.command = command
+        self.context = context
+        self.failure: OSError | None = None
+        self.file: BinaryIO | None = None
+        try:
+            try:
+                self.file = path.open("wb", buffering=_WRITE_BUFFER)
+            except FileNotFoundError:  # the incoming folder was removed under us
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = path.open("wb", buffering=_WRITE_BUFFER)
+            self.file.write(
+                file_meta(
+                    command.affected_sop_class_uid,
+                    command.affected_sop_instance_uid,
+                    context.transfer_syntax,
+                )
+            )
+        except OSError as exc:
+            self._fail(exc)
+
+    def write(self, fragment: bytes) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(fragment)
+        except OSError as exc:
+            self._fail(exc)
+
+    def close(self) -> OSError | None:
+        """Flush and close the file; the failure, if any (then the file is gone)."""
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as exc:
+                self._fail(exc)
+            self.file = None
+        return self.failure
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def _fail(self, exc: OSError) -> None:
+        self.failure = self.failure or exc
+        if self.file is not None:
+            with contextlib.suppress(OSError):  # the first failure is the one reported
+                self.file.close()
+            self.file = None
+        self.path.unlink(missing_ok=True)
+
+
+class Association:
+    """The acceptor's side of one association (PS3.8 9.2), run by `run` in its own thread."""
+
+    def __init__(
+        self,
+        connection: socket.socket,
+        incoming: Path,
+        our_aet: str,
+        our_max_pdu: int,
+        timeout_seconds: float,
+        decide: Decide,
+        store: Store,
+    ) -> None:
+        self.connection = connection
+        self.peer_address, self.peer_port = connection.getpeername()[:2]
+        self.incoming = incoming
+        self.our_aet = our_aet
+        self.our_max_pdu = our_max_pdu
+        self.decide = decide
+        self.store = store
+        self.request: Request | None = None
+        self.established = False
+        self._contexts: dict[int, AcceptedContext] = {}
+        self._command = bytearray()
+        self._dataset: _Dataset | None = None
+        self._reply_to = 0  # the presentation context of the C-STORE-RQ being received
+        self._send_lock = threading.Lock()
+        self._closed = threading.Event()
+        connection.settimeout(timeout_seconds)
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = connection.makefile("rb", buffering=_READ_BUFFER)
+
+    @property
+    def calling_aet(self) -> str:
+        return self.request.calling_aet if self.request else ""
+
+    def run(self) -> None:
+        """Serve the connection until release, abort, timeout or a protocol error; then close."""
+        try:
+            if self._associate():
+                self._data_phase()
+        except ProtocolError as exc:
+            log.warning(
+                "aborted association from %s:%s calling %r: %s",
+                self.peer_address,
+                self.peer_port,
+                self.calling_aet,
+                exc,
+            )
+            self._send(upperlayer.abort(upperlayer.REASON_UNEXPECTED_PDU))
+        except TimeoutError:
+            log.warning(
+                "aborted association from %s:%s calling %r: the peer sent nothing within the timeout",
+                self.peer_address,
+                self.peer_port,
+                self.calling_aet,
+            )
+            self._send(upperlayer.abort(upperlayer.REASON_UNEXPECTED_PDU))
+        except (ConnectionError, EOFError, OSError) as exc:
+            if not self._closed.is_set():
+                log.warning(
+                    "association from %s:%s calling %r ended: connection lost (%s)",
+                    self.peer_address,
+                    self.peer_port,
+                    self.calling_aet,
+                    type(exc).__name__,
+                )
+        finally:
+            if self._dataset is not None:
+                self._dataset.discard()
+            self.close()
+
+    def abort(self) -> None:
+        """From another thread: send an A-ABORT and end the association."""
+        self._send(upperlayer.abort(upperlayer.REASON_UNEXPECTED_PDU))
+        self.close()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with contextlib.suppress(OSError):  # already gone
+            self.connection.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in `run`
+        self.connection.close()
+
+    # ----------------------------------------------------------------- establishment
+    def _associate(self) -> bool:
+        pdu_type, length = self._pdu_header()
+        if pdu_type != upperlayer.A_ASSOCIATE_RQ_PDU:
+            raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+        if length > upperlayer.MAX_CONTROL_PDU_BYTES:
+            raise ProtocolError(f"an A-ASSOCIATE-RQ of {length} bytes")
+        body = self._read(length)
+        self.request = request = upperlayer.decode_request(
+            upperlayer.PDU_HEADER.pack(pdu_type, length) + body
+        )
+        rejection = request.rejection() or self.decide(self, request)
+        if rejection is not None:
+            self._send(upperlayer.reject(*rejection))
+            return False
+        self._contexts, accept = upperlayer.accept(request, self.our_max_pdu)
+        self._send(accept)
+        self.established = True
+        return True
+
+    # ----------------------------------------------------------------- data transfer
+    def _data_phase(self) -> None:
+        while True:
+            pdu_type, length = self._pdu_header()
+            if pdu_type == upperlayer.P_DATA_TF_PDU:
+                self._p_data(length)
+            elif pdu_type == upperlayer.A_RELEASE_RQ_PDU:
+                self._read(length)
+                self._send(upperlayer.release_response())
+                return
+            elif pdu_type == upperlayer.A_ABORT_PDU:
+                log.info(
+                    "association from %s:%s calling %r aborted by the peer",
+                    self.peer_address,
+                    self.peer_port,
+                    self.calling_aet,
+                )
+                return
+            else:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during data transfer")
+
+    def _p_data(self, length: int) -> None:
+        header = upperlayer.PDV_HEADER
+        remaining = length
+        while remaining:
+            if remaining < header.size:
+                raise ProtocolError("a P-DATA-TF PDU ends inside a PDV header")
+            item_length, context_id, control = header.unpack(self._read(header.size))
+            value_length = item_length - 2
+            remaining -= 4 + item_length
+            if value_length < 0 or remaining < 0:
+                raise ProtocolError("a PDV overruns its P-DATA-TF PDU")
+            context = self._contexts.get(context_id)
+            if context is None:
+                raise ProtocolError(f"a PDV on presentation context {context_id}, not accepted")
+            if control & upperlayer.COMMAND_FRAGMENT:
+                self._command_fragment(context_id, context, value_length, control)
+            else:
+                self._dataset_fragment(context, value_length, control)
+
+    def _command_fragment(
+        self, context_id: int, context: AcceptedContext, length: int, control: int
+    ) -> None:
+        if self._dataset is not None:
+            raise ProtocolError("a command fragment before the dataset ended")
+        if len(self._command) + length > _MAX_COMMAND_BYTES:
+            raise ProtocolError("a command set over 64 KiB")
+        self._command += self._read(length)
+        if not control & upperlayer.LAST_FRAGMENT:
+            return
+        try:
+            command = dimse.parse_command(bytes(self._command))
+        except dimse.CommandError as exc:
+            raise ProtocolError(str(exc)) from exc
+        self._command.clear()
+        if command.command_field == dimse.C_ECHO_RQ and not command.has_data_set:
+            self._respond(context_id, command, 0x0000)
+        elif command.command_field == dimse.C_STORE_RQ and command.has_data_set:
+            self._reply_to = context_id
+            path = self.incoming / f"{uuid.uuid4()}.part"
+            self._dataset = _Dataset(path, command, context)
+        else:
+            raise ProtocolError(
+                f"command 0x{command.command_field:04X}: only C-ECHO and C-STORE are served"
+            )
+
+    def _dataset_fragment(self, context: AcceptedContext, length: int, control: int) -> None:
+        dataset = self._dataset
+        if dataset is None or dataset.context != context:
+            raise ProtocolError("a dataset fragment without its C-STORE-RQ")
+        while length:
+            chunk = self._read(min(length, _COPY_CHUNK))
+            dataset.write(chunk)
+            length -= len(chunk)
+        if control & upperlayer.LAST_FRAGMENT:
+            self._dataset = None
+            self._respond(self._reply_to, dataset.command, self._stored(dataset))
+
+    def _stored(self, dataset: _Dataset) -> int:
+        failure = dataset.close()
+        command = dataset.command
+        if failure is not None:
+            log.error(
+                "cannot write SOPInstanceUID %s from %r to the incoming folder: %s; answered 0xA700",
+                command.affected_sop_instance_uid,
+                self.calling_aet,
+                failure.strerror or type(failure).__name__,
+            )
+            return OUT_OF_RESOURCES
+        assert self.request is not None
+        return self.store(
+            Received(
+                path=dataset.path,
+                sop_class_uid=command.affected_sop_class_uid,
+                sop_instance_uid=command.affected_sop_instance_uid,
+                transfer_syntax_uid=dataset.context.transfer_syntax,
+                calling_aet=self.request.calling_aet,
+                called_aet=self.request.called_aet,
+                peer_address=self.peer_address,
+                peer_port=self.peer_port,
+            )
+        )
+
+    def _respond(self, context_id: int, command: dimse.Command, status: int) -> None:
+        assert self.request is not None
+        response = dimse.response(command, status)
+        self._send(upperlayer.command_pdus(context_id, response, self.request.peer_max_pdu))
+
+    # ----------------------------------------------------------------- transport
+    def _pdu_header(self) -> tuple[int, int]:
+        pdu_type, length = upperlayer.PDU_HEADER.unpack(self._read(upperlayer.PDU_HEADER.size))
+        if pdu_type not in upperlayer.KNOWN_PDU_TYPES:
+            raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}")
+        return int(pdu_type), int(length)
+
+    def _read(self, size: int) -> bytes:
+        data: bytes = self._reader.read(size)
+        if len(data) < size:
+            raise EOFError("the peer closed the connection")
+        return data
+
+    def _send(self, data: bytes) -> None:
+        if self._closed.is_set():
+            return
+        # A failed send means the peer is gone; `run` notices on its next read.
+        with self._send_lock, contextlib.suppress(OSError):
+            self.connection.sendall(data)

@@ -1,0 +1,112 @@
+"""DIMSE command sets for the C-STORE and C-ECHO SCP. Pure. Upstream: association.
+
+A command set is always Implicit VR Little Endian (PS3.7 6.3.1), holds group 0000 only, and
+its elements are few and simple, so it is read and written here directly: no dataset is
+built on the ACK path.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# Command Field values, PS3.7 Annex E (Table E.1-1).
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+NO_DATA_SET = 0x0101  # Command Data Set Type: no dataset follows
+
+_AFFECTED_SOP_CLASS_UID = 0x00000002
+_COMMAND_FIELD = 0x00000100
+_MESSAGE_ID = 0x00000110
+_MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
+_COMMAND_DATA_SET_TYPE = 0x00000800
+_STATUS = 0x00000900
+_ERROR_COMMENT = 0x00000902
+_AFFECTED_SOP_INSTANCE_UID = 0x00001000
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+_ERROR_COMMENT_MAX = 64  # LO, PS3.5 Table 6.2-1
+
+
+class CommandError(ValueError):
+    """The bytes are not a usable command set."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """The fields of a request that the SCP acts on."""
+
+    command_field: int
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    has_data_set: bool
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", errors="replace").rstrip("\0 ")
+
+
+def parse_command(data: bytes) -> Command:
+    """The request in a command set (PS3.7 9.3.1.1 for C-STORE, 9.3.5.1 for C-ECHO)."""
+    values: dict[int, bytes] = {}
+    offset, end = 0, len(data)
+    while offset < end:
+        if offset + _ELEMENT_HEADER.size > end:
+            raise CommandError("the command set ends inside an element header")
+        group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
+        offset += _ELEMENT_HEADER.size
+        if group != 0 or offset + length > end:
+            raise CommandError(
+                f"element ({group:04X},{element:04X}) is not a command element or overruns"
+            )
+        values[element] = data[offset : offset + length]
+        offset += length
+    try:
+        (command_field,) = _US.unpack(values[_COMMAND_FIELD][:2])
+        (message_id,) = _US.unpack(values[_MESSAGE_ID][:2])
+        (data_set_type,) = _US.unpack(values[_COMMAND_DATA_SET_TYPE][:2])
+    except (KeyError, struct.error) as exc:
+        raise CommandError(
+            "the command set lacks Command Field, Message ID or Data Set Type"
+        ) from exc
+    return Command(
+        command_field=command_field,
+        message_id=message_id,
+        affected_sop_class_uid=_text(values.get(_AFFECTED_SOP_CLASS_UID, b"")),
+        affected_sop_instance_uid=_text(values.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
+        has_data_set=data_set_type != NO_DATA_SET,
+    )
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    return _ELEMENT_HEADER.pack(tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    encoded = value.encode("ascii")
+    return encoded + b"\0" if len(encoded) % 2 else encoded  # UI pads with NUL (PS3.5 9.1)
+
+
+def response(request: Command, status: int, error_comment: str = "") -> bytes:
+    """The response command set to a C-STORE-RQ or C-ECHO-RQ (PS3.7 9.3.1.2, 9.3.5.2)."""
+    is_store = request.command_field == C_STORE_RQ
+    elements = [
+        _element(_AFFECTED_SOP_CLASS_UID, _uid(request.affected_sop_class_uid)),
+        _element(_COMMAND_FIELD, _US.pack(C_STORE_RSP if is_store else C_ECHO_RSP)),
+        _element(_MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(request.message_id)),
+        _element(_COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
+        _element(_STATUS, _US.pack(status)),
+    ]
+    if error_comment:
+        comment = error_comment[:_ERROR_COMMENT_MAX].encode("ascii", errors="replace")
+        elements.append(_element(_ERROR_COMMENT, comment + b" " if len(comment) % 2 else comment))
+    if is_store:
+        elements.append(
+            _element(_AFFECTED_SOP_INSTANCE_UID, _uid(request.affected_sop_instance_uid))
+        )
+    body = b"".join(elements)
+    return _element(0x00000000, _UL.pack(len(body))) + body
