@@ -22,7 +22,9 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import build_context, negotiate_unrestricted
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_unrestricted
+from pynetdicom.service_class import ServiceClass, StorageServiceClass, VerificationServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from soupflow.dicomfile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -107,6 +109,8 @@ def decode_request(pdu: bytes) -> Request:
 
 
 _SUPPORTED = [build_context(VERIFICATION, _globals.DEFAULT_TRANSFER_SYNTAXES)]
+_SERVED_CLASSES = (StorageServiceClass, VerificationServiceClass, ServiceClass)
+ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03  # presentation context result, PS3.8 9.3.3.2
 
 
 def accept(request: Request, our_max_pdu: int) -> tuple[dict[int, AcceptedContext], bytes]:
@@ -123,6 +127,10 @@ def accept(request: Request, our_max_pdu: int) -> tuple[dict[int, AcceptedContex
     results, reply_roles = negotiate_unrestricted(
         requested.presentation_context_definition_list, _SUPPORTED, roles
     )
+    for context in results:
+        if context.result == 0x00 and not _storage_or_verification(str(context.abstract_syntax)):
+            context.result = ABSTRACT_SYNTAX_NOT_SUPPORTED
+    reply_roles = [role for role in reply_roles if role.sop_class_uid not in _refused(results)]
     accepted = {
         cast(int, context.context_id): AcceptedContext(
             str(context.abstract_syntax), str(context.transfer_syntax[0])
@@ -147,6 +155,17 @@ def accept(request: Request, our_max_pdu: int) -> tuple[dict[int, AcceptedContex
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(primitive)
     return accepted, pdu.encode()
+
+
+def _storage_or_verification(abstract_syntax: str) -> bool:
+    """Not a known service other than Storage or Verification (unknown and private SOP
+    classes are taken for storage). pynetdicom's unrestricted negotiation alone also lets
+    some query services through (it looks them up by a keyword its tables spell differently)."""
+    return uid_to_service_class(abstract_syntax) in _SERVED_CLASSES
+
+
+def _refused(results: list[PresentationContext]) -> set[str]:
+    return {str(context.abstract_syntax) for context in results if context.result != 0x00}
 
 
 def _role_items(primitive: A_ASSOCIATE) -> dict[UID, SCP_SCU_RoleSelectionNegotiation]:

@@ -70,12 +70,16 @@ class Receiving:
     """A listener with its spool and queue, in this process."""
 
     def __init__(
-        self, data: Path, setting: DicomReceiverSetting, busy_timeout: float = 5.0
+        self,
+        data: Path,
+        setting: DicomReceiverSetting,
+        busy_timeout: float = 5.0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.data = data
         self.spool = Spool(data)
         self.queue = SqliteQueue(data, busy_timeout_seconds=busy_timeout)
-        self.listener = Listener("workflow-1", setting, "127.0.0.1", Ingest(self.spool, self.queue))
+        self.listener = Listener("workflow-1", setting, host, Ingest(self.spool, self.queue))
         self.listener.start()
 
     @property
@@ -95,8 +99,10 @@ class Receiving:
 
 
 @contextmanager
-def receiving(data: Path, busy_timeout: float = 5.0, **fields: Any) -> Iterator[Receiving]:
-    running = Receiving(data, receiver(**fields), busy_timeout)
+def receiving(
+    data: Path, busy_timeout: float = 5.0, host: str = "127.0.0.1", **fields: Any
+) -> Iterator[Receiving]:
+    running = Receiving(data, receiver(**fields), busy_timeout, host)
     try:
         yield running
     finally:

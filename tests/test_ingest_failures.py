@@ -156,9 +156,7 @@ def test_a_peer_that_stops_mid_pdu_is_dropped_and_others_are_served(tmp_path: Pa
         assert assoc.is_established
         raw = assoc.dul.socket.socket
         raw.sendall(b"\x04\x00\x00\x00\x40\x00\x00\x00\x3c\x01")  # a P-DATA header, then silence
-        wait_for(
-            lambda: not running.listener.active_associations, "the listener to drop the peer"
-        )  # type: ignore[union-attr]
+        wait_for(lambda: not running.listener.active_associations, "the listener to drop the peer")  # type: ignore[union-attr]
         assoc.abort()
         assert send_files(running.port, [CT]) == [SUCCESS]
 

@@ -1,0 +1,288 @@
+"""The acceptor's side of the upper layer: negotiation, fragments, aborts, shutdown.
+
+Peers are pynetdicom (as a requestor) and raw sockets speaking PS3.8 bytes crafted with
+pynetdicom's PDU codec and pydicom's encoder, never with the code under test.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE, build_role
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from soupflow.listener import SUCCESS
+from tests.dicom import (
+    DEADLINE_SECONDS,
+    Receiving,
+    chunked_send,
+    dataset_bytes,
+    receiving,
+    sample_file,
+    send_files,
+    unavailable,
+    wait_for,
+)
+
+CT = sample_file("CT_small.dcm")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.8.498.99999.1"
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+
+
+class RawPeer:
+    """A requestor on a plain socket: what a buggy or hostile sender can do."""
+
+    def __init__(
+        self,
+        port: int,
+        application_context: str = "1.2.840.10008.3.1.1.1",
+        host: str = "127.0.0.1",
+        max_pdu: int = 16384,
+    ) -> None:
+        self.connection = socket.create_connection((host, port), timeout=DEADLINE_SECONDS)
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = application_context
+        primitive.calling_ae_title = "MODALITY01"
+        primitive.called_ae_title = "SOUPFLOW"
+        context = build_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        context.context_id = 1
+        primitive.presentation_context_definition_list = [context]
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = max_pdu
+        primitive.user_information = [maximum]
+        request = A_ASSOCIATE_RQ()
+        request.from_primitive(primitive)
+        self.connection.sendall(request.encode())
+        self.reply_type, self.reply = self.read_pdu()
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        header = self._read(6)
+        pdu_type, length = struct.unpack(">BxI", header)
+        return pdu_type, self._read(length)
+
+    def _read(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.connection.recv(size - len(data))
+            if not chunk:
+                raise EOFError("closed")
+            data += chunk
+        return data
+
+    def read_command(self) -> tuple[Dataset, list[int]]:
+        """A command sent in P-DATA fragments, and the length of each PDU that carried it."""
+        command, lengths = b"", []
+        for _ in range(100):
+            pdu_type, body = self.read_pdu()
+            assert pdu_type == 0x04
+            lengths.append(len(body))
+            item_length, _, control = struct.unpack(">IBB", body[:6])
+            assert item_length == len(body) - 4  # one PDV per PDU
+            command += body[6:]
+            if control & 0x02:
+                return decode(BytesIO(command), True, True), lengths
+        raise AssertionError("no last fragment in 100 PDUs")
+
+    def send_pdv(self, context_id: int, control: int, value: bytes) -> None:
+        item = struct.pack(">IBB", len(value) + 2, context_id, control) + value
+        self.connection.sendall(struct.pack(">BxI", 0x04, len(item)) + item)
+
+    def store_command(self, sop_instance_uid: str, command_field: int = 0x0001) -> bytes:
+        command = Dataset()
+        command.AffectedSOPClassUID = CT_IMAGE_STORAGE
+        command.CommandField = command_field
+        command.MessageID = 7
+        command.Priority = 0
+        command.CommandDataSetType = 0x0000
+        command.AffectedSOPInstanceUID = sop_instance_uid
+        encoded = encode(command, True, True)
+        assert encoded is not None
+        return struct.pack("<HHII", 0, 0, 4, len(encoded)) + encoded
+
+    def closed_after_abort(self) -> bool:
+        """The listener sent an A-ABORT and closed the connection."""
+        try:
+            pdu_type, _ = self.read_pdu()
+        except (EOFError, ConnectionResetError):
+            return False
+        try:
+            trailing = self.connection.recv(1)
+        except ConnectionResetError:
+            trailing = b""
+        return pdu_type == 0x07 and trailing == b""
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def nothing_received(running: Receiving) -> bool:
+    incoming = running.spool.incoming
+    return not any(incoming.iterdir()) and running.queue.messages() == []
+
+
+def test_tiny_pdus_both_ways_carry_the_object_byte_identical(tmp_path: Path) -> None:
+    """A 64-byte maximum PDU on each side: the command, the dataset and the response all
+    travel in many fragments, and what is stored is what was sent."""
+    with receiving(tmp_path / "data", MaxPduSize=64) as running:
+        ae = AE(ae_title="MODALITY01")
+        ae.maximum_pdu_size = 64
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = DEADLINE_SECONDS
+        ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        with chunked_send():
+            assoc = ae.associate("127.0.0.1", running.port, ae_title="SOUPFLOW")
+            assert assoc.is_established
+            assert assoc.acceptor.maximum_length == 64
+            status = assoc.send_c_store(CT)
+            assoc.release()
+        assert status.Status == SUCCESS
+        (stored,) = running.stored(str(dcmread(CT).SOPInstanceUID))
+        assert dataset_bytes(stored) == dataset_bytes(CT)
+
+
+def test_negotiation_accepts_storage_as_proposed_and_rejects_other_services(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        ae = AE(ae_title="MODALITY01")
+        ae.acse_timeout = ae.network_timeout = DEADLINE_SECONDS
+        ae.add_requested_context(CT_IMAGE_STORAGE, [JPEGBaseline8Bit, ExplicitVRLittleEndian])
+        ae.add_requested_context(PRIVATE_SOP_CLASS, ImplicitVRLittleEndian)
+        ae.add_requested_context(MODALITY_WORKLIST_FIND)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        role = build_role(CT_IMAGE_STORAGE, scu_role=True, scp_role=False)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="SOUPFLOW", ext_neg=[role])
+        try:
+            assert assoc.is_established
+            accepted = {
+                str(cx.abstract_syntax): str(cx.transfer_syntax[0])
+                for cx in assoc.accepted_contexts
+            }
+            assert accepted == {
+                CT_IMAGE_STORAGE: JPEGBaseline8Bit,  # the first one proposed
+                PRIVATE_SOP_CLASS: ImplicitVRLittleEndian,
+                "1.2.840.10008.1.1": ImplicitVRLittleEndian,
+            }
+            assert [str(cx.abstract_syntax) for cx in assoc.rejected_contexts] == [
+                MODALITY_WORKLIST_FIND
+            ]
+            assert CT_IMAGE_STORAGE in assoc.acceptor.role_selection
+            assert assoc.send_c_echo().Status == SUCCESS
+        finally:
+            assoc.release()
+
+
+def test_a_wrong_application_context_is_rejected(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        peer = RawPeer(running.port, application_context="1.2.3.4")
+        try:
+            assert peer.reply_type == 0x03  # A-ASSOCIATE-RJ
+            assert peer.reply[1:4] == bytes((0x01, 0x01, 0x02))  # permanent, user, app context
+        finally:
+            peer.close()
+
+
+def test_abort_in_the_middle_of_a_dataset_leaves_nothing(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        peer = RawPeer(running.port)
+        assert peer.reply_type == 0x02
+        peer.send_pdv(1, 0x03, peer.store_command("1.2.826.0.1.3680043.8.498.7"))
+        peer.send_pdv(1, 0x00, dataset_bytes(CT)[:4000])  # a dataset fragment, not the last
+        wait_for(lambda: any(running.spool.incoming.iterdir()), "the dataset to be streamed")
+        peer.connection.sendall(struct.pack(">BxI", 0x07, 4) + bytes((0, 0, 0, 0)))  # A-ABORT
+        wait_for(lambda: running.listener.active_associations == 0, "the association to end")
+        peer.close()
+        assert nothing_received(running)
+        assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_a_pdv_on_a_context_that_was_not_accepted_is_aborted(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        peer = RawPeer(running.port)
+        peer.send_pdv(99, 0x03, peer.store_command("1.2.826.0.1.3680043.8.498.7"))
+        assert peer.closed_after_abort()
+        peer.close()
+        assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_a_service_other_than_store_and_echo_is_aborted(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        peer = RawPeer(running.port)
+        peer.send_pdv(
+            1, 0x03, peer.store_command("1.2.826.0.1.3680043.8.498.7", command_field=0x0020)
+        )
+        assert peer.closed_after_abort()
+        peer.close()
+        assert nothing_received(running)
+
+
+def test_commands_split_over_pdus_both_ways(tmp_path: Path) -> None:
+    """The request's command arrives in two fragments; the response is fragmented to the
+    requestor's 40-byte maximum PDU length."""
+    with receiving(tmp_path / "data") as running:
+        peer = RawPeer(running.port, max_pdu=40)
+        sop_instance_uid = str(dcmread(CT).SOPInstanceUID)
+        command = peer.store_command(sop_instance_uid)
+        peer.send_pdv(1, 0x01, command[:10])
+        peer.send_pdv(1, 0x03, command[10:])
+        data = dataset_bytes(CT)
+        peer.send_pdv(1, 0x00, data[:100])
+        peer.send_pdv(1, 0x02, data[100:])
+        response, lengths = peer.read_command()
+        peer.close()
+        assert len(lengths) > 1 and max(lengths) <= 40
+        assert (response.CommandField, response.MessageIDBeingRespondedTo, response.Status) == (
+            0x8001,
+            7,
+            SUCCESS,
+        )
+        (stored,) = running.stored(sop_instance_uid)
+        assert dataset_bytes(stored) == data
+
+
+def test_stop_aborts_an_association_left_open_after_the_grace_period(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        ae = AE(ae_title="MODALITY01")
+        ae.acse_timeout = ae.network_timeout = DEADLINE_SECONDS
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="SOUPFLOW")
+        assert assoc.is_established
+        running.listener.stop(grace_seconds=0.1)
+        wait_for(lambda: assoc.is_aborted, "the open association to be aborted")
+        assert running.listener.active_associations == 0
+
+
+def test_ipv6_loopback_listener_receives(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        unavailable("this Python has no IPv6 support")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        unavailable(f"no IPv6 loopback here: {exc}")
+    with receiving(tmp_path / "data", host="::1") as running:
+        peer = RawPeer(running.port, host="::1")
+        try:
+            assert peer.reply_type == 0x02
+        finally:
+            peer.close()
+
+
+@pytest.mark.parametrize("max_pdu", [0, 32768])
+def test_the_advertised_maximum_pdu_is_the_receivers_setting(tmp_path: Path, max_pdu: int) -> None:
+    with receiving(tmp_path / "data", MaxPduSize=max_pdu) as running:
+        ae = AE(ae_title="MODALITY01")
+        ae.acse_timeout = ae.network_timeout = DEADLINE_SECONDS
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="SOUPFLOW")
+        try:
+            assert assoc.acceptor.maximum_length == max_pdu
+        finally:
+            assoc.release()
