@@ -30,7 +30,7 @@ from soupflow.upperlayer import AcceptedContext, ProtocolError, Request
 log = logging.getLogger(__name__)
 
 _READ_BUFFER = 256 * 1024
-_WRITE_BUFFER = 1024 * 1024
+_WRITE_BUFFER = 64 * 1024
 _COPY_CHUNK = 1024 * 1024
 _MAX_COMMAND_BYTES = 64 * 1024  # a C-STORE-RQ command set is a few hundred bytes
 

@@ -49,7 +49,12 @@ class _EventLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         style = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        _say(_out, f"{stamp} {self.format(record)}", style)
+        line = f"{stamp} {self.format(record)}"
+        if style is None:  # plain lines (one per stored instance) skip rich's rendering
+            _out.file.write(line + "\n")
+            _out.file.flush()
+        else:
+            _say(_out, line, style)
 
 
 def _is_loopback(host: str) -> bool:

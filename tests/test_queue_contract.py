@@ -235,3 +235,31 @@ def test_concurrent_workers_never_lease_the_same_message(queue: Queue) -> None:
     for worker in workers:
         worker.join(timeout=60)
     assert sorted(taken) == sorted(f"request-{n:03d}" for n in range(60))
+
+
+def test_concurrent_enqueues_are_each_committed_and_a_bad_one_fails_alone(queue: Queue) -> None:
+    """Associations enqueue at the same time (a backend may commit them together): every
+    good arrival is committed, and a duplicate fails only its own caller."""
+    queue.enqueue(arrival(0))
+    failures: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def associate(first: int) -> None:
+        start.wait(timeout=60)
+        for number in range(first, first + 25):
+            try:
+                queue.enqueue(arrival(number % 200))  # 0 is already there: a duplicate
+            except QueueError:
+                with lock:
+                    failures.append(number)
+
+    threads = [threading.Thread(target=associate, args=(n * 25,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == [0]
+    assert sorted(m.arrival.request_id for m in queue.messages()) == [
+        f"request-{n:03d}" for n in range(200)
+    ]

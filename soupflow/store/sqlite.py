@@ -78,10 +78,28 @@ CREATE TABLE IF NOT EXISTS activity_outcomes (
 """
 
 
+_INSERT_ARRIVAL = (
+    f"INSERT INTO messages ({', '.join(_ARRIVAL_COLUMNS)}, state, next_attempt_at, updated_at) "
+    f"VALUES ({', '.join('?' for _ in _ARRIVAL_COLUMNS)}, ?, ?, ?)"
+)
+
+
+class _Batch:
+    """Arrivals committed together by one transaction."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.done = threading.Event()
+        self.errors: dict[int, QueueError] = {}  # by row index
+
+
 class SqliteQueue:
     def __init__(self, data_folder: Path, busy_timeout_seconds: float = 5.0) -> None:
         self.path = data_folder / DATABASE_FILE
         self._lock = threading.Lock()
+        self._batch_lock = threading.Lock()
+        self._committer = threading.Lock()
+        self._open_batch: _Batch | None = None
         try:
             data_folder.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -147,15 +165,51 @@ class SqliteQueue:
 
     # ---------------------------------------------------------------------------- queue
     def enqueue(self, arrival: Arrival) -> None:
-        columns = ", ".join(_ARRIVAL_COLUMNS)
-        marks = ", ".join("?" for _ in _ARRIVAL_COLUMNS)
+        """Commit the arrival; returns once it is durable.
+
+        Group commit: arrivals from concurrent associations that come while a transaction
+        is committing join one batch, written by whichever of them came first in a single
+        transaction (one WAL fsync for all). Each caller still returns only after its own
+        row is committed; when a batch fails, its rows are tried one by one, so one bad
+        row fails only its own caller.
+        """
         values = tuple(getattr(arrival, name) for name in _ARRIVAL_COLUMNS)
-        with self._write() as db:
-            db.execute(
-                f"INSERT INTO messages ({columns}, state, next_attempt_at, updated_at) "
-                f"VALUES ({marks}, ?, ?, ?)",
-                (*values, State.QUEUED, arrival.received_at, arrival.received_at),
-            )
+        row = (*values, State.QUEUED, arrival.received_at, arrival.received_at)
+        with self._batch_lock:
+            batch, leader = self._open_batch, self._open_batch is None
+            if batch is None:
+                batch = self._open_batch = _Batch()
+            index = len(batch.rows)
+            batch.rows.append(row)
+        if leader:
+            with self._committer:  # the previous batch commits; this one fills meanwhile
+                with self._batch_lock:
+                    self._open_batch = None
+                try:
+                    self._commit(batch)
+                finally:
+                    batch.done.set()
+        else:
+            batch.done.wait()
+        error = batch.errors.get(index)
+        if error is not None:
+            raise error
+
+    def _commit(self, batch: _Batch) -> None:
+        try:
+            with self._write() as db:
+                db.executemany(_INSERT_ARRIVAL, batch.rows)
+            return
+        except QueueError as exc:
+            if len(batch.rows) == 1:
+                batch.errors[0] = exc
+                return
+        for index, row in enumerate(batch.rows):
+            try:
+                with self._write() as db:
+                    db.execute(_INSERT_ARRIVAL, row)
+            except QueueError as exc:
+                batch.errors[index] = exc
 
     def lease(self, owner: str, now: float, lease_seconds: float) -> Message | None:
         with self._write() as db:
