@@ -1,13 +1,15 @@
 """DICOM ingest speed: soupflow's durable ingest beside a bare pynetdicom SCP, Orthanc and dcmtk.
 
-    python -m bench.ingest [--runs N] [--smoke]
+    python -m bench.ingest [--runs N] [--smoke] [--receivers a,b] [--scenarios text,...]
 
 Every receiver runs as its own process on a free loopback port, fresh for each run, and the
 runs alternate receivers. dcmtk's storescu sends (TCP_NODELAY=1 in its environment, as in the
-issue's figures), over one association or four in parallel. soupflow runs `soupflow run
---workers 0`: each instance fsynced and queued before Success (the others do not fsync).
-Reported: instances per second (MB/s for the large instance), the ratio to soupflow, and each
-receiver's peak RSS (VmHWM). Receivers that are not installed are reported as such.
+issue's figures, except in the Nagle scenario), over one association or four in parallel.
+soupflow runs `soupflow run --workers 0`: each instance fsynced and queued before Success
+(the others do not fsync). Reported: instances per second (MB/s for the large instance), the
+ratio to soupflow, and each receiver's peak RSS (VmHWM); ACK latency percentiles at a fixed
+send rate (bench.scu, one association); and soupflow end to end, C-STORE to a file written
+by a workflow, beside its ingest alone. Receivers that are not installed are reported as such.
 """
 
 from __future__ import annotations
@@ -22,15 +24,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from bench.data import images, large_instance
+from bench.scu import StoreClient
 
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+NAGLE = {name: value for name, value in os.environ.items() if name != "TCP_NODELAY"}
 RECEIVERS = ("soupflow", "pynetdicom", "orthanc", "dcmtk")
 _READY_SECONDS = 30.0
+_E2E_SECONDS = 300.0
 
 
 def free_port() -> int:
@@ -45,6 +52,7 @@ class Scenario:
     files: list[Path]
     associations: int = 1
     unit: str = "inst/s"
+    nagle: bool = False  # storescu without TCP_NODELAY=1: Nagle's algorithm on at the sender
 
     @property
     def megabytes(self) -> float:
@@ -57,17 +65,36 @@ class Result:
     peaks: dict[str, list[int]] = field(default_factory=dict)
 
 
-def _soupflow(folder: Path, port: int) -> list[str]:
+_RECEIVER_ID = "b0000000-0000-4000-8000-000000000001"
+_WRITER_ID = "b0000000-0000-4000-8000-000000000002"
+
+
+def _soupflow(folder: Path, port: int, workers: int = 0) -> list[str]:
+    """`soupflow run`; with workers, a workflow that writes each message's JSON to a file."""
     workflows = folder / "workflows"
     workflows.mkdir()
     receiver = {
         "$type": "HL7Soup.Functions.Settings.Receivers.DicomReceiverSetting, HL7SoupWorkflow",
-        "Id": "b0000000-0000-4000-8000-000000000001",
+        "Id": _RECEIVER_ID,
         "Port": port,
         "AcceptedCallingAETs": "*",
         "MaxAssociations": 16,
+        "Activities": [_WRITER_ID] if workers else [],
     }
-    (workflows / "bench.json").write_text(json.dumps(receiver), encoding="utf-8")
+    writer = {
+        "$type": "HL7Soup.Functions.Settings.Senders.FileWriterSenderSetting, HL7SoupWorkflow",
+        "Id": _WRITER_ID,
+        "Name": "Message JSON",
+        "FilePathToWrite": str(folder / "out" / "${SOPInstanceUID}.json"),
+        "MessageType": 11,
+        "MessageTemplate": "${" + _RECEIVER_ID + " inbound}",
+    }
+    document = {
+        "Name": "bench",
+        "WorkflowId": _RECEIVER_ID,
+        "WorkflowPattern": [receiver, writer] if workers else [receiver],
+    }
+    (workflows / "bench.json").write_text(json.dumps(document), encoding="utf-8")
     return [
         sys.executable,
         "-m",
@@ -78,7 +105,7 @@ def _soupflow(folder: Path, port: int) -> list[str]:
         "--data",
         str(folder / "data"),
         "--workers",
-        "0",
+        str(workers),
     ]
 
 
@@ -104,9 +131,9 @@ def _orthanc(folder: Path, port: int) -> list[str] | None:
     return [program, str(config)]
 
 
-def command(receiver: str, folder: Path, port: int) -> list[str] | None:
+def command(receiver: str, folder: Path, port: int, workers: int = 0) -> list[str] | None:
     if receiver == "soupflow":
-        return _soupflow(folder, port)
+        return _soupflow(folder, port, workers)
     if receiver == "pynetdicom":
         return [sys.executable, "-m", "bench.bare_scp", str(port), str(folder / "out")]
     if receiver == "orthanc":
@@ -153,11 +180,12 @@ def send(port: int, scenario: Scenario) -> float:
     shares = [
         scenario.files[index :: scenario.associations] for index in range(scenario.associations)
     ]
+    environment = NAGLE if scenario.nagle else NODELAY
     start = time.perf_counter()
     senders = [
         subprocess.Popen(
             [storescu, "-aec", "SOUPFLOW", "127.0.0.1", str(port), *map(str, share)],
-            env=NODELAY,
+            env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -175,28 +203,75 @@ def send(port: int, scenario: Scenario) -> float:
 
 def measure(receiver: str, scenario: Scenario, work: Path) -> tuple[float, int] | None:
     """(rate, peak RSS) of one run, or None when the receiver is not installed."""
-    with tempfile.TemporaryDirectory(dir=work) as folder:
-        port = free_port()
-        argv = command(receiver, Path(folder), port)
-        if argv is None:
+    with receiving(receiver, work) as running:
+        if running is None:
             return None
-        log = Path(folder) / "receiver.log"
+        port, pid, log = running
+        try:
+            seconds = send(port, scenario)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"{receiver}, {scenario.name}: {exc}\n{log.read_text(errors='replace')[-1500:]}"
+            ) from None
+        peak = peak_rss(pid)
+    amount = scenario.megabytes if scenario.unit == "MB/s" else len(scenario.files)
+    return amount / seconds, peak
+
+
+@contextmanager
+def receiving(
+    receiver: str, work: Path, workers: int = 0
+) -> Iterator[tuple[int, int, Path] | None]:
+    """A fresh receiver process answering C-ECHO: (port, pid, its log), or None when it is
+    not installed. Its folder is under `work` and goes with it."""
+    with tempfile.TemporaryDirectory(dir=work) as name:
+        folder, port = Path(name), free_port()
+        argv = command(receiver, folder, port, workers)
+        if argv is None:
+            yield None
+            return
+        log = folder / "receiver.log"
         with log.open("wb") as output:
             process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=NODELAY)
         try:
             _ready(port, process)
-            try:
-                seconds = send(port, scenario)
-            except RuntimeError as exc:
-                raise RuntimeError(
-                    f"{receiver}, {scenario.name}: {exc}\n{log.read_text(errors='replace')[-1500:]}"
-                ) from None
-            peak = peak_rss(process.pid)
+            yield port, process.pid, log
         finally:
             process.terminate()
             process.wait(timeout=60)
-    amount = scenario.megabytes if scenario.unit == "MB/s" else len(scenario.files)
-    return amount / seconds, peak
+
+
+def ack_latency(receiver: str, files: list[Path], rate: float, work: Path) -> list[float] | None:
+    """Each C-STORE's acknowledgement delay (seconds) at `rate` instances per second."""
+    with receiving(receiver, work) as running:
+        if running is None:
+            return None
+        client = StoreClient(running[0], files)
+        delays = client.latencies(rate)
+        client.release()
+    return delays
+
+
+def end_to_end(files: list[Path], work: Path, workers: int) -> float:
+    """Messages per second from the first C-STORE to the last message's file written."""
+    with receiving("soupflow", work, workers) as running:
+        assert running is not None
+        port, _, log = running
+        out = log.parent / "out"
+        start = time.perf_counter()
+        send(port, Scenario("end to end", files))
+        deadline = time.monotonic() + _E2E_SECONDS
+        while _count(out) < len(files):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{_count(out)} of {len(files)} files written\n{log.read_text()[-1500:]}"
+                )
+            time.sleep(0.01)
+        return len(files) / (time.perf_counter() - start)
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for _ in folder.glob("*.json")) if folder.exists() else 0
 
 
 def run(
@@ -241,6 +316,55 @@ def table(
     return lines
 
 
+def latency_table(
+    files: list[Path], rate: float, runs: int, work: Path, receivers: tuple[str, ...]
+) -> list[str]:
+    """p50 and p99 of the ACK delay per receiver, over every instance of every run."""
+    delays: dict[str, list[float]] = {}
+    for number in range(runs):
+        order = receivers if number % 2 == 0 else tuple(reversed(receivers))
+        for receiver in order:
+            measured = ack_latency(receiver, files, rate, work)
+            if measured is not None:
+                delays.setdefault(receiver, []).extend(measured)
+    lines = [
+        f"| receiver (tiny instances at {rate:.0f}/s, 1 association) | ACK p50 | ACK p99 | p99 / soupflow's p99 |",
+        "|---|---:|---:|---:|",
+    ]
+    ours = _percentile(delays["soupflow"], 99) if "soupflow" in delays else None
+    for receiver in receivers:
+        if receiver not in delays:
+            lines.append(f"| {receiver} | not installed | | |")
+            continue
+        p50, p99 = _percentile(delays[receiver], 50), _percentile(delays[receiver], 99)
+        ratio = f"{p99 / ours:.2f}" if ours else ""
+        lines.append(f"| {receiver} | {p50 * 1000:.2f} ms | {p99 * 1000:.2f} ms | {ratio} |")
+    return lines
+
+
+def _percentile(values: list[float], percent: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(percent / 100 * (len(ordered) - 1)))]
+
+
+def end_to_end_table(files: list[Path], runs: int, work: Path, workers: int) -> list[str]:
+    """soupflow C-STORE to file (a workflow writing each message's JSON) beside ingest alone."""
+    through: list[float] = []
+    ingest: list[float] = []
+    for _ in range(runs):
+        through.append(end_to_end(files, work, workers))
+        measured = measure("soupflow", Scenario("ingest", files), work)
+        assert measured is not None
+        ingest.append(measured[0])
+    both, alone = statistics.median(through), statistics.median(ingest)
+    return [
+        "| soupflow, CT-sized, 1 association | rate (median) | ratio |",
+        "|---|---:|---:|",
+        f"| C-STORE to queue (`--workers 0`) | {alone:,.0f} inst/s | 1.00 |",
+        f"| C-STORE to message JSON file ({workers} workers) | {both:,.0f} msg/s | {both / alone:.2f} |",
+    ]
+
+
 def main(arguments: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -255,38 +379,47 @@ def main(arguments: list[str] | None = None) -> list[str]:
     parser.add_argument(
         "--scenarios",
         default="",
-        help="only scenarios whose name contains one of these (comma-separated)",
+        help="only scenarios whose name contains one of these (comma-separated); "
+        "'latency' and 'end to end' name the other two tables",
     )
     args = parser.parse_args(arguments)
     receivers = tuple(name for name in RECEIVERS if name in args.receivers.split(","))
+    wanted = [name for name in args.scenarios.split(",") if name]
+
+    def chosen(name: str) -> bool:
+        return not wanted or any(part in name for part in wanted)
+
+    report = partial(print, file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="soupflow-bench-") as folder:
         work = Path(folder)
         if args.smoke:
-            ct, tiny, large_bytes, runs = (
-                images(work / "ct", 4, 64, 64),
-                images(work / "tiny", 4, 32, 32),
-                4_000_000,
-                1,
-            )
+            count, tiny_count, large_bytes, runs, rate = 4, 4, 4_000_000, 1, 50.0
+            ct = images(work / "ct", count, 64, 64)
         else:
-            ct, tiny, large_bytes, runs = (
-                images(work / "ct", 500, 512, 512),
-                images(work / "tiny", 2000, 32, 32),
-                300_000_000,
-                args.runs,
-            )
+            count, tiny_count, large_bytes, runs, rate = 500, 2000, 300_000_000, args.runs, 100.0
+            ct = images(work / "ct", count, 512, 512)
+        tiny = images(work / "tiny", tiny_count, 32, 32)
+        nagle = tiny[: max(4, tiny_count // 10)]
         scenarios = [
             Scenario("CT-sized, 1 association", ct),
             Scenario("CT-sized, 4 associations", ct, associations=4),
             Scenario("tiny, 1 association", tiny),
-            Scenario(
-                "one large instance", [large_instance(work / "large.dcm", large_bytes)], unit="MB/s"
-            ),
+            Scenario("tiny, 1 association, sender with Nagle on", nagle, nagle=True),
         ]
-        wanted = [name for name in args.scenarios.split(",") if name]
-        scenarios = [s for s in scenarios if not wanted or any(w in s.name for w in wanted)]
-        results = run(scenarios, runs, work, lambda line: print(line, file=sys.stderr), receivers)
-        lines = table(scenarios, results, receivers)
+        if chosen("one large instance"):
+            large = large_instance(work / "large.dcm", large_bytes)
+            scenarios.append(Scenario("one large instance", [large], unit="MB/s"))
+        scenarios = [scenario for scenario in scenarios if chosen(scenario.name)]
+        lines = table(scenarios, run(scenarios, runs, work, report, receivers), receivers)
+        if chosen("latency"):
+            lines += [
+                "",
+                *latency_table(tiny[: max(4, tiny_count // 5)], rate, runs, work, receivers),
+            ]
+            report("latency done")
+        if chosen("end to end") and "soupflow" in receivers:
+            lines += ["", *end_to_end_table(ct, runs, work, workers=2)]
+            report("end to end done")
     print("\n".join(lines))
     return lines
 

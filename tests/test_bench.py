@@ -16,7 +16,12 @@ def test_message_benchmark_smoke() -> None:
 
 def test_ingest_benchmark_smoke() -> None:
     lines = ingest.main(["--smoke"])
-    rows = [line for line in lines[2:] if "not installed" not in line]
-    assert len(lines) == 2 + 4 * 4
-    assert all("soupflow" in line for line in lines[2::4])
-    assert rows, "at least soupflow itself was measured"
+    throughput, latency, end_to_end = "\n".join(lines).split("\n\n")
+    rows = throughput.splitlines()[2:]
+    assert len(rows) == 5 * len(ingest.RECEIVERS)
+    assert all("soupflow" in line and ("inst/s" in line or "MB/s" in line) for line in rows[::4])
+    assert [line.split(" | ")[0] for line in latency.splitlines()[2:]] == [
+        f"| {receiver}" for receiver in ingest.RECEIVERS
+    ]
+    assert " ms | " in latency.splitlines()[2], "soupflow's ACK latency was measured"
+    assert "msg/s" in end_to_end.splitlines()[-1]
