@@ -169,7 +169,7 @@ class Association:
                 self.calling_aet,
                 exc,
             )
-            self._send(upperlayer.abort(upperlayer.REASON_UNEXPECTED_PDU))
+            self._send(upperlayer.abort(exc.reason))
         except TimeoutError:
             log.warning(
                 "aborted association from %s:%s calling %r: the peer sent nothing within the timeout",
@@ -177,7 +177,7 @@ class Association:
                 self.peer_port,
                 self.calling_aet,
             )
-            self._send(upperlayer.abort(upperlayer.REASON_UNEXPECTED_PDU))
+            self._send(upperlayer.abort(upperlayer.REASON_NOT_SPECIFIED))
         except (ConnectionError, EOFError, OSError) as exc:
             if not self._closed.is_set():
                 log.warning(
@@ -194,7 +194,7 @@ class Association:
 
     def abort(self) -> None:
         """From another thread: send an A-ABORT and end the association."""
-        self._send(upperlayer.abort(upperlayer.REASON_UNEXPECTED_PDU))
+        self._send(upperlayer.abort(upperlayer.REASON_NOT_SPECIFIED))
         self.close()
 
     def close(self) -> None:
@@ -209,7 +209,10 @@ class Association:
     def _associate(self) -> bool:
         pdu_type, length = self._pdu_header()
         if pdu_type != upperlayer.A_ASSOCIATE_RQ_PDU:
-            raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+            raise ProtocolError(
+                f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
+                upperlayer.REASON_UNEXPECTED_PDU,
+            )
         if length > upperlayer.MAX_CONTROL_PDU_BYTES:
             raise ProtocolError(f"an A-ASSOCIATE-RQ of {length} bytes")
         body = self._read(length)
@@ -244,7 +247,10 @@ class Association:
                 )
                 return
             else:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during data transfer")
+                raise ProtocolError(
+                    f"unexpected PDU type 0x{pdu_type:02X} during data transfer",
+                    upperlayer.REASON_UNEXPECTED_PDU,
+                )
 
     def _p_data(self, length: int) -> None:
         header = upperlayer.PDV_HEADER
@@ -339,7 +345,9 @@ class Association:
             self.connection.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         pdu_type, length = upperlayer.PDU_HEADER.unpack(self._read(upperlayer.PDU_HEADER.size))
         if pdu_type not in upperlayer.KNOWN_PDU_TYPES:
-            raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}")
+            raise ProtocolError(
+                f"unrecognized PDU type 0x{pdu_type:02X}", upperlayer.REASON_UNRECOGNIZED_PDU
+            )
         return int(pdu_type), int(length)
 
     def _read(self, size: int) -> bytes:

@@ -43,6 +43,7 @@ LAST_FRAGMENT = 0x02  # bit 1: last fragment of the command or dataset
 
 # A-ABORT source and reason, PS3.8 9.3.8.
 ABORT_SERVICE_PROVIDER = 0x02
+REASON_NOT_SPECIFIED = 0x00  # timeouts and shutdown
 REASON_UNRECOGNIZED_PDU = 0x01
 REASON_UNEXPECTED_PDU = 0x02
 REASON_INVALID_PDU_PARAMETER = 0x06
@@ -60,7 +61,11 @@ MAX_CONTROL_PDU_BYTES = 1024 * 1024
 
 
 class ProtocolError(ValueError):
-    """The peer broke the upper layer protocol; the association is aborted."""
+    """The peer broke the upper layer protocol; the association is aborted with `reason`."""
+
+    def __init__(self, message: str, reason: int = REASON_INVALID_PDU_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)

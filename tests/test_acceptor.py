@@ -109,17 +109,17 @@ class RawPeer:
         assert encoded is not None
         return struct.pack("<HHII", 0, 0, 4, len(encoded)) + encoded
 
-    def closed_after_abort(self) -> bool:
-        """The listener sent an A-ABORT and closed the connection."""
-        try:
-            pdu_type, _ = self.read_pdu()
-        except (EOFError, ConnectionResetError):
-            return False
+    def abort_reason(self) -> int:
+        """The reason of the A-ABORT the listener sent before closing the connection."""
+        pdu_type, body = self.read_pdu()
+        assert pdu_type == 0x07, f"expected an A-ABORT, got PDU type 0x{pdu_type:02X}"
         try:
             trailing = self.connection.recv(1)
         except ConnectionResetError:
             trailing = b""
-        return pdu_type == 0x07 and trailing == b""
+        assert trailing == b"", "the connection stayed open after the A-ABORT"
+        assert body[2] == 0x02, "the source is the service provider"
+        return body[3]
 
     def close(self) -> None:
         self.connection.close()
@@ -207,7 +207,7 @@ def test_a_pdv_on_a_context_that_was_not_accepted_is_aborted(tmp_path: Path) -> 
     with receiving(tmp_path / "data") as running:
         peer = RawPeer(running.port)
         peer.send_pdv(99, 0x03, peer.store_command("1.2.826.0.1.3680043.8.498.7"))
-        assert peer.closed_after_abort()
+        assert peer.abort_reason() == 0x06  # invalid PDU parameter
         peer.close()
         assert send_files(running.port, [CT]) == [SUCCESS]
 
@@ -218,7 +218,7 @@ def test_a_service_other_than_store_and_echo_is_aborted(tmp_path: Path) -> None:
         peer.send_pdv(
             1, 0x03, peer.store_command("1.2.826.0.1.3680043.8.498.7", command_field=0x0020)
         )
-        assert peer.closed_after_abort()
+        assert peer.abort_reason() == 0x06  # invalid PDU parameter
         peer.close()
         assert nothing_received(running)
 
@@ -286,3 +286,22 @@ def test_the_advertised_maximum_pdu_is_the_receivers_setting(tmp_path: Path, max
             assert assoc.acceptor.maximum_length == max_pdu
         finally:
             assoc.release()
+
+
+@pytest.mark.parametrize(
+    ("pdu", "reason"),
+    [
+        (bytes((0x01, 0, 0, 0, 0, 2, 0, 1)), 0x02),  # a second A-ASSOCIATE-RQ: unexpected PDU
+        (bytes((0x09, 0, 0, 0, 0, 0)), 0x01),  # PDU type 9 does not exist: unrecognized PDU
+    ],
+)
+def test_a_pdu_out_of_place_is_aborted_with_its_reason(
+    tmp_path: Path, pdu: bytes, reason: int
+) -> None:
+    with receiving(tmp_path / "data") as running:
+        peer = RawPeer(running.port)
+        assert peer.reply_type == 0x02
+        peer.connection.sendall(pdu)
+        assert peer.abort_reason() == reason
+        peer.close()
+        assert send_files(running.port, [CT]) == [SUCCESS]
