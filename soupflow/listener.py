@@ -49,6 +49,9 @@ REJECT_CALLING_AE = (
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognized
 
 _ABORT_WAIT_SECONDS = 5.0
+# Connections served at once, per allowed association: the others are still negotiating,
+# or are over the limit and about to hear A-ASSOCIATE-RJ.
+_CONNECTIONS_PER_ASSOCIATION = 2
 _ACCEPT_RETRY_SECONDS = 0.1
 
 
@@ -274,6 +277,19 @@ class Listener:
 
     def _serve(self, connection: socket.socket) -> None:
         receiver = self.receiver
+        with self._lock:
+            open_connections = len(self._associations)
+        if open_connections >= _CONNECTIONS_PER_ASSOCIATION * receiver.max_associations:
+            # A flood of connections that never associate (a scanner, a broken client) would
+            # otherwise hold a thread each for the association timeout.
+            log.warning(
+                "workflow %s closed a new connection: %d connections open (MaxAssociations %d)",
+                self.workflow_id,
+                open_connections,
+                receiver.max_associations,
+            )
+            connection.close()
+            return
         try:
             association = Association(
                 connection,

@@ -173,3 +173,22 @@ def test_idle_peers_are_dropped_after_the_association_timeout(tmp_path: Path) ->
             lambda: idle.is_aborted or not idle.is_established, "the idle association to be dropped"
         )
         assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_connections_that_never_associate_are_capped(tmp_path: Path) -> None:
+    """MaxAssociations 1: two silent connections are served (and time out in due course);
+    a third is closed at once; once they are gone, a sender is served again."""
+    with receiving(tmp_path / "data", MaxAssociations=1, AssociationTimeoutSeconds=60) as running:
+        silent = [
+            socket.create_connection(("127.0.0.1", running.port), timeout=DEADLINE_SECONDS)
+            for _ in range(2)
+        ]
+        wait_for(lambda: running.listener.active_associations == 2, "both connections served")
+        with socket.create_connection(
+            ("127.0.0.1", running.port), timeout=DEADLINE_SECONDS
+        ) as third:
+            assert third.recv(1) == b""  # closed without a word
+        for connection in silent:
+            connection.close()
+        wait_for(lambda: running.listener.active_associations == 0, "the silent ones to go")
+        assert send_files(running.port, [CT]) == [SUCCESS]
