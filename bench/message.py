@@ -26,7 +26,20 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from soupflow.message.convert import Options, convert
 from soupflow.store.queue import Arrival
 
-ARRIVAL = Arrival("r", "w", "o", 0, "", "", ExplicitVRLittleEndian, "A", "B", "127.0.0.1", 1, 0.0)
+ARRIVAL = Arrival(
+    request_id="r",
+    workflow_id="w",
+    object_path="o",
+    byte_count=0,
+    sop_class_uid="",
+    sop_instance_uid="",
+    transfer_syntax_uid=ExplicitVRLittleEndian,
+    calling_aet="A",
+    called_aet="B",
+    peer_address="127.0.0.1",
+    peer_port=1,
+    received_at=0.0,
+)
 
 
 def _code(value: str, meaning: str) -> Dataset:

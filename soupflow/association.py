@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 from soupflow import dimse, upperlayer
 from soupflow.dicomfile import file_meta
+from soupflow.store.queue import Origin
 from soupflow.upperlayer import AcceptedContext, ProtocolError, Request
 
 log = logging.getLogger(__name__)
@@ -43,18 +44,11 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused, Out of Resources
 
 
-@dataclass(frozen=True)
-class Received:
+@dataclass(frozen=True, kw_only=True)
+class Received(Origin):
     """A dataset received in full, in a Part 10 file under the incoming folder."""
 
     path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-    calling_aet: str
-    called_aet: str
-    peer_address: str
-    peer_port: int
 
 
 # What the listener decides: an A-ASSOCIATE-RJ for a request (or None to accept), and the
@@ -222,6 +216,7 @@ class Association:
         rejection = request.rejection() or self.decide(self, request)
         if rejection is not None:
             self._send(upperlayer.reject(*rejection))
+            self._await_close()
             return False
         self._contexts, accept = upperlayer.accept(request, self.our_max_pdu)
         self._send(accept)
@@ -237,6 +232,7 @@ class Association:
             elif pdu_type == upperlayer.A_RELEASE_RQ_PDU:
                 self._read(length)
                 self._send(upperlayer.release_response())
+                self._await_close()
                 return
             elif pdu_type == upperlayer.A_ABORT_PDU:
                 log.info(
@@ -340,6 +336,14 @@ class Association:
         self._send(upperlayer.command_pdus(context_id, response, self.request.peer_max_pdu))
 
     # ----------------------------------------------------------------- transport
+    def _await_close(self) -> None:
+        """After an A-ASSOCIATE-RJ or A-RELEASE-RP the requestor closes the connection
+        (PS3.8 9.2, state Sta13): closing first can make it see the connection drop before
+        it has read our answer. Wait for it, bounded by the socket timeout (ARTIM)."""
+        with contextlib.suppress(TimeoutError, OSError):
+            while self.connection.recv(_READ_BUFFER):
+                pass  # nothing more may come; whatever does is dropped
+
     def _pdu_header(self) -> tuple[int, int]:
         if _QUICKACK is not None:  # re-armed per PDU: Linux drops back to delayed ACKs
             self.connection.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)

@@ -145,14 +145,8 @@ class Ingest:
             workflow_id=workflow_id,
             object_path=self.spool.relative(request_id),
             byte_count=byte_count,
-            sop_class_uid=received.sop_class_uid,
-            sop_instance_uid=sop_instance_uid,
-            transfer_syntax_uid=received.transfer_syntax_uid,
-            calling_aet=received.calling_aet,
-            called_aet=received.called_aet,
-            peer_address=received.peer_address,
-            peer_port=received.peer_port,
             received_at=self.clock(),
+            **received.origin(),
         )
         try:
             self.queue.enqueue(arrival)

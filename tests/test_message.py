@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from soupflow.message.convert import COMMON_FIELDS, Options, convert, render
 from soupflow.store.queue import Arrival
-from tests import documents
+from tests import documents, records
 
 MESSAGE_SCHEMA = json.loads(
     (documents.REPO / "schemas" / "dicom-message.schema.json").read_text(encoding="utf-8")
@@ -34,20 +34,7 @@ CHARSET_FILES = sorted(Path(path) for path in get_charset_files("*.dcm"))
 
 
 def arrival(byte_count: int = 0) -> Arrival:
-    return Arrival(
-        "8c7f0c1e-2b6a-4f7e-9a51-0d1c2b3a4f5e",
-        "workflow-1",
-        "8c/x.dcm",
-        byte_count,
-        "",
-        "",
-        "1.2.840.10008.1.2.1",
-        "MODALITY01",
-        "SOUPFLOW",
-        "127.0.0.1",
-        40001,
-        1_790_000_000.123,
-    )
+    return records.arrival(byte_count=byte_count)
 
 
 def message(path: Path, **options: Any) -> dict[str, Any]:

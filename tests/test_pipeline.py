@@ -20,7 +20,7 @@ from soupflow.pipeline.run import Result, run_message
 from soupflow.store.queue import Arrival
 from soupflow.worker import backoff_seconds
 from soupflow.workflow.load import load_text
-from tests import documents
+from tests import documents, records
 from tests.dicom import sample_file
 from tests.documents import (
     RECEIVER_ID,
@@ -39,19 +39,15 @@ WRITER_2 = "77777777-7777-4777-8777-777777777777"
 
 def arrival(path: Path) -> Arrival:
     dataset = dcmread(path, stop_before_pixels=True)
-    return Arrival(
-        "0f0e0d0c-0b0a-4909-8807-060504030201",
-        RECEIVER_ID,
-        "x",
-        path.stat().st_size,
-        str(dataset.SOPClassUID),
-        str(dataset.SOPInstanceUID),
-        "1.2.840.10008.1.2.1",
-        "MODALITY01",
-        "SOUPFLOW",
-        "127.0.0.1",
-        40000,
-        1_790_000_000.0,
+    return records.arrival(
+        request_id="0f0e0d0c-0b0a-4909-8807-060504030201",
+        workflow_id=RECEIVER_ID,
+        object_path="x",
+        byte_count=path.stat().st_size,
+        sop_class_uid=str(dataset.SOPClassUID),
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        peer_port=40000,
+        received_at=1_790_000_000.0,
     )
 
 

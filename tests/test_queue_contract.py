@@ -10,6 +10,7 @@ import pytest
 
 from soupflow.store.queue import ActivityOutcome, Arrival, LeaseLostError, Queue, QueueError, State
 from soupflow.store.sqlite import SqliteQueue
+from tests import records
 
 LEASE = 30.0
 T0 = 1_000_000.0
@@ -38,17 +39,13 @@ def queue(opener: Callable[[], Queue]) -> Queue:
 
 
 def arrival(number: int, workflow_id: str = "workflow-a", received_at: float = T0) -> Arrival:
-    return Arrival(
+    return records.arrival(
         request_id=f"request-{number:03d}",
         workflow_id=workflow_id,
         object_path=f"re/request-{number:03d}.dcm",
         byte_count=1000 + number,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         sop_instance_uid=f"1.2.3.{number}",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        calling_aet="MODALITY01",
-        called_aet="SOUPFLOW",
-        peer_address="127.0.0.1",
         peer_port=40000 + number,
         received_at=received_at + number,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class State(enum.StrEnum):
@@ -34,14 +34,10 @@ class LeaseLostError(QueueError):
     """The message is no longer leased by this owner (its lease expired and moved on)."""
 
 
-@dataclass(frozen=True)
-class Arrival:
-    """What the listener knows of a received object when it enqueues it."""
+@dataclass(frozen=True, kw_only=True)
+class Origin:
+    """What a C-STORE says of its object: the request and the association it came on."""
 
-    request_id: str
-    workflow_id: str
-    object_path: str  # relative to the spool
-    byte_count: int
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
@@ -49,6 +45,20 @@ class Arrival:
     called_aet: str
     peer_address: str
     peer_port: int
+
+    def origin(self) -> dict[str, Any]:
+        """These fields alone, as keyword arguments for another record (Any: mixed types)."""
+        return {name: getattr(self, name) for name in Origin.__dataclass_fields__}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arrival(Origin):
+    """What the listener knows of a received object when it enqueues it."""
+
+    request_id: str
+    workflow_id: str
+    object_path: str  # relative to the spool
+    byte_count: int
     received_at: float
 
 
