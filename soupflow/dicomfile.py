@@ -38,6 +38,11 @@ _SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM U
 _MAX_NESTING = 32
 _SOP_CLASS_UID = (0x0008, 0x0016)
 _SOP_INSTANCE_UID = (0x0008, 0x0018)
+_IDENTITY = frozenset((_SOP_CLASS_UID, _SOP_INSTANCE_UID))
+# One unpack per element header, by byte order (PS3.5 7.1.2 explicit, 7.1.3 implicit).
+_EXPLICIT_HEADER = {order: struct.Struct(order + "HH2sH") for order in "<>"}
+_IMPLICIT_HEADER = {order: struct.Struct(order + "HHI") for order in "<>"}
+_LENGTH = {order: struct.Struct(order + "I") for order in "<>"}
 
 
 class MalformedObjectError(ValueError):
@@ -142,8 +147,8 @@ class _Walk:
     def _meta(self, view: mmap.mmap) -> tuple[int, str]:
         offset, transfer_syntax = 132, None
         while view[offset : offset + 2] == b"\x02\x00":
-            element, length, value_at = self._header(view, offset, implicit=False, endian="<")
-            if element[1] == 0x0010:
+            _, element, length, value_at = self._header(view, offset, implicit=False, endian="<")
+            if element == 0x0010:
                 transfer_syntax = _text(view[value_at : value_at + length])
             offset = value_at + length
         if transfer_syntax is None or offset > len(view):
@@ -153,29 +158,32 @@ class _Walk:
     @staticmethod
     def _header(
         view: mmap.mmap, offset: int, implicit: bool, endian: str
-    ) -> tuple[tuple[int, int], int, int]:
-        group, element = struct.unpack_from(endian + "HH", view, offset)
-        if implicit or group == 0xFFFE:
-            (length,) = struct.unpack_from(endian + "I", view, offset + 4)
-            return (group, element), length, offset + 8
-        vr = view[offset + 4 : offset + 6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from(endian + "I", view, offset + 8)
-            return (group, element), length, offset + 12
+    ) -> tuple[int, int, int, int]:
+        """(group, element, value length, where the value starts) of the element at `offset`."""
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER[endian].unpack_from(view, offset)
+            return group, element, length, offset + 8
+        group, element, vr, length = _EXPLICIT_HEADER[endian].unpack_from(view, offset)
+        if group == 0xFFFE:  # item and delimiter tags have no VR
+            (length,) = _LENGTH[endian].unpack_from(view, offset + 4)
+            return group, element, length, offset + 8
         if vr in _SHORT_VRS:
-            (length,) = struct.unpack_from(endian + "H", view, offset + 6)
-            return (group, element), length, offset + 8
+            return group, element, length, offset + 8
+        if vr in _LONG_VRS:
+            (length,) = _LENGTH[endian].unpack_from(view, offset + 8)
+            return group, element, length, offset + 12
         raise _UnclearError
 
     def _dataset(
         self, view: mmap.mmap, offset: int, end: int, implicit: bool, endian: str, depth: int
     ) -> int:
         """Walk elements from `offset`; return where they end (an item's delimiter when nested)."""
+        header = self._header
         while offset < end:
-            tag, length, value_at = self._header(view, offset, implicit, endian)
-            if tag == (0xFFFE, 0xE00D) and depth > 0:
-                return value_at
-            if tag[0] == 0xFFFE:
+            group, element, length, value_at = header(view, offset, implicit, endian)
+            if group == 0xFFFE:
+                if element == 0xE00D and depth > 0:
+                    return value_at
                 raise _UnclearError
             if length == _UNDEFINED_LENGTH:
                 un = not implicit and view[offset + 4 : offset + 6] == b"UN"
@@ -185,8 +193,8 @@ class _Walk:
                 continue
             if value_at + length > end:
                 raise _UnclearError
-            if depth == 0 and tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID):
-                self.found[tag] = _text(view[value_at : value_at + length])
+            if group == 0x0008 and depth == 0 and (group, element) in _IDENTITY:
+                self.found[(group, element)] = _text(view[value_at : value_at + length])
             offset = value_at + length
         if depth > 0:
             raise _UnclearError  # an undefined-length item without its delimiter
