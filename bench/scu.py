@@ -23,6 +23,70 @@ from pynetdicom.presentation import build_context
 _PDU = struct.Struct(">BxI")
 _PDV = struct.Struct(">IBB")
 _SECONDS = 30.0
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+# The bytes a requestor sends and reads (PS3.8 9.3), shared with the tests' raw peer.
+
+
+def associate_request(
+    calling_aet: str,
+    called_aet: str,
+    contexts: list[tuple[int, str, str]],
+    max_pdu: int = 0,
+    application_context: str = APPLICATION_CONTEXT,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing (context id, SOP class, transfer syntax) contexts."""
+    request = A_ASSOCIATE()
+    request.application_context_name = application_context
+    request.calling_ae_title, request.called_ae_title = calling_aet, called_aet
+    for context_id, sop_class, syntax in contexts:
+        context = build_context(sop_class, syntax)
+        context.context_id = context_id
+        request.presentation_context_definition_list.append(context)
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = max_pdu
+    request.user_information = [maximum]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    return bytes(pdu.encode())
+
+
+def store_command(
+    sop_class: str, sop_instance: str, message_id: int, command_field: int = 0x0001
+) -> bytes:
+    """A C-STORE-RQ command set (Implicit VR Little Endian, with its group length)."""
+    command = Dataset()
+    command.AffectedSOPClassUID = sop_class
+    command.CommandField = command_field
+    command.MessageID = message_id
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = sop_instance
+    encoded = encode(command, True, True)
+    assert encoded is not None
+    return struct.pack("<HHII", 0, 0, 4, len(encoded)) + encoded
+
+
+def pdv_pdu(context: int, control: int, value: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV."""
+    item = _PDV.pack(len(value) + 2, context, control) + value
+    return _PDU.pack(0x04, len(item)) + item
+
+
+def read_pdu(connection: socket.socket) -> tuple[int, bytes]:
+    """(PDU type, body) of the next PDU; EOFError when the peer closes first."""
+    pdu_type, length = _PDU.unpack(_read(connection, _PDU.size))
+    return pdu_type, _read(connection, length)
+
+
+def _read(connection: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the receiver closed the connection")
+        data += chunk
+    return bytes(data)
 
 
 class StoreClient:
@@ -33,22 +97,12 @@ class StoreClient:
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.objects = [_split(path) for path in files]
         proposals = sorted({(sop_class, syntax) for sop_class, syntax, *_ in self.objects})
-        self.context_of: dict[tuple[str, str], int] = {}
-        request = A_ASSOCIATE()
-        request.application_context_name = "1.2.840.10008.3.1.1.1"
-        request.calling_ae_title, request.called_ae_title = "BENCH", called_aet
-        for index, (sop_class, syntax) in enumerate(proposals):
-            context = build_context(sop_class, syntax)
-            context.context_id = 2 * index + 1
-            self.context_of[(sop_class, syntax)] = context.context_id
-            request.presentation_context_definition_list.append(context)
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = 0
-        request.user_information = [maximum]
-        pdu = A_ASSOCIATE_RQ()
-        pdu.from_primitive(request)
-        self.connection.sendall(pdu.encode())
-        pdu_type, body = self._read_pdu()
+        self.context_of = {proposal: 2 * index + 1 for index, proposal in enumerate(proposals)}
+        contexts = [
+            (cid, sop_class, syntax) for (sop_class, syntax), cid in self.context_of.items()
+        ]
+        self.connection.sendall(associate_request("BENCH", called_aet, contexts))
+        pdu_type, body = read_pdu(self.connection)
         if pdu_type != 0x02:
             raise RuntimeError(f"association not accepted (PDU type 0x{pdu_type:02X})")
         accept = A_ASSOCIATE_AC()
@@ -66,9 +120,8 @@ class StoreClient:
                 time.sleep(wait)
             sent = time.perf_counter()
             context = self.context_of[(sop_class, syntax)]
-            self.connection.sendall(
-                self._store_pdus(context, number + 1, sop_class, sop_instance, data)
-            )
+            command = store_command(sop_class, sop_instance, number + 1)
+            self.connection.sendall(self._store_pdus(context, command, data))
             status = self._response_status()
             delays.append(time.perf_counter() - sent)
             if status != 0x0000:
@@ -77,55 +130,28 @@ class StoreClient:
 
     def release(self) -> None:
         self.connection.sendall(_PDU.pack(0x05, 4) + bytes(4))
-        self._read_pdu()
+        read_pdu(self.connection)
         self.connection.close()
 
-    def _store_pdus(
-        self, context: int, message_id: int, sop_class: str, sop_instance: str, data: bytes
-    ) -> bytes:
-        command = Dataset()
-        command.AffectedSOPClassUID = sop_class
-        command.CommandField = 0x0001
-        command.MessageID = message_id
-        command.Priority = 0
-        command.CommandDataSetType = 0x0000
-        command.AffectedSOPInstanceUID = sop_instance
-        encoded = encode(command, True, True)
-        assert encoded is not None
-        parts = [_pdv(context, 0x03, struct.pack("<HHII", 0, 0, 4, len(encoded)) + encoded)]
+    def _store_pdus(self, context: int, command: bytes, data: bytes) -> bytes:
+        parts = [pdv_pdu(context, 0x03, command)]
         for start in range(0, len(data), self.fragment):
             last = start + self.fragment >= len(data)
-            parts.append(_pdv(context, 0x02 if last else 0x00, data[start : start + self.fragment]))
+            parts.append(
+                pdv_pdu(context, 0x02 if last else 0x00, data[start : start + self.fragment])
+            )
         return b"".join(parts)
 
     def _response_status(self) -> int:
         command = b""
         while True:
-            pdu_type, body = self._read_pdu()
+            pdu_type, body = read_pdu(self.connection)
             if pdu_type != 0x04:
                 raise RuntimeError(f"expected P-DATA, got PDU type 0x{pdu_type:02X}")
             _, _, control = _PDV.unpack_from(body)
             command += body[_PDV.size :]
             if control & 0x02:
                 return int(decode(BytesIO(command), True, True).Status)
-
-    def _read_pdu(self) -> tuple[int, bytes]:
-        pdu_type, length = _PDU.unpack(self._read(_PDU.size))
-        return pdu_type, self._read(length)
-
-    def _read(self, size: int) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            chunk = self.connection.recv(size - len(data))
-            if not chunk:
-                raise RuntimeError("the receiver closed the connection")
-            data += chunk
-        return bytes(data)
-
-
-def _pdv(context: int, control: int, value: bytes) -> bytes:
-    item = _PDV.pack(len(value) + 2, context, control) + value
-    return _PDU.pack(0x04, len(item)) + item
 
 
 def _split(path: Path) -> tuple[str, str, str, bytes]:

@@ -41,8 +41,6 @@ _MAX_COMMAND_BYTES = 64 * 1024  # a C-STORE-RQ command set is a few hundred byte
 # (bench: tiny instances from such a sender, 22 -> 321 inst/s).
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
-OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused, Out of Resources
-
 
 @dataclass(frozen=True, kw_only=True)
 class Received(Origin):
@@ -121,7 +119,6 @@ class Association:
         self,
         connection: socket.socket,
         incoming: Path,
-        our_aet: str,
         our_max_pdu: int,
         timeout_seconds: float,
         decide: Decide,
@@ -130,12 +127,10 @@ class Association:
         self.connection = connection
         self.peer_address, self.peer_port = connection.getpeername()[:2]
         self.incoming = incoming
-        self.our_aet = our_aet
         self.our_max_pdu = our_max_pdu
         self.decide = decide
         self.store = store
         self.request: Request | None = None
-        self.established = False
         self._contexts: dict[int, AcceptedContext] = {}
         self._command = bytearray()
         self._dataset: _Dataset | None = None
@@ -220,7 +215,6 @@ class Association:
             return False
         self._contexts, accept = upperlayer.accept(request, self.our_max_pdu)
         self._send(accept)
-        self.established = True
         return True
 
     # ----------------------------------------------------------------- data transfer
@@ -283,7 +277,7 @@ class Association:
             raise ProtocolError(str(exc)) from exc
         self._command.clear()
         if command.command_field == dimse.C_ECHO_RQ and not command.has_data_set:
-            self._respond(context_id, command, 0x0000)
+            self._respond(context_id, command, dimse.SUCCESS)
         elif command.command_field == dimse.C_STORE_RQ and command.has_data_set:
             self._reply_to = context_id
             path = self.incoming / f"{uuid.uuid4()}.part"
@@ -315,7 +309,7 @@ class Association:
                 self.calling_aet,
                 failure.strerror or type(failure).__name__,
             )
-            return OUT_OF_RESOURCES
+            return dimse.OUT_OF_RESOURCES
         assert self.request is not None
         return self.store(
             Received(

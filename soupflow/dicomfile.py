@@ -77,10 +77,10 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
     elements = b"".join(
         (
             _meta_element(0x0001, b"OB", b"\x00\x01"),
-            _meta_element(0x0002, b"UI", _uid(sop_class_uid)),
-            _meta_element(0x0003, b"UI", _uid(sop_instance_uid)),
-            _meta_element(0x0010, b"UI", _uid(transfer_syntax_uid)),
-            _meta_element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _meta_element(0x0002, b"UI", uid_bytes(sop_class_uid)),
+            _meta_element(0x0003, b"UI", uid_bytes(sop_instance_uid)),
+            _meta_element(0x0010, b"UI", uid_bytes(transfer_syntax_uid)),
+            _meta_element(0x0012, b"UI", uid_bytes(IMPLEMENTATION_CLASS_UID)),
             _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
         )
     )
@@ -98,9 +98,15 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def uid_bytes(value: str) -> bytes:
+    """A UI value as stored: ASCII, padded with NUL to an even length (PS3.5 9.1)."""
     encoded = value.encode("ascii")
     return encoded + b"\0" if len(encoded) % 2 else encoded
+
+
+def uid_text(value: bytes) -> str:
+    """A stored UI (or other text) value without its padding."""
+    return value.decode("ascii", errors="replace").rstrip("\0 ")
 
 
 def identify(path: Path) -> tuple[str, str]:
@@ -149,7 +155,7 @@ class _Walk:
         while view[offset : offset + 2] == b"\x02\x00":
             _, element, length, value_at = self._header(view, offset, implicit=False, endian="<")
             if element == 0x0010:
-                transfer_syntax = _text(view[value_at : value_at + length])
+                transfer_syntax = uid_text(view[value_at : value_at + length])
             offset = value_at + length
         if transfer_syntax is None or offset > len(view):
             raise _UnclearError
@@ -194,7 +200,7 @@ class _Walk:
             if value_at + length > end:
                 raise _UnclearError
             if group == 0x0008 and depth == 0 and (group, element) in _IDENTITY:
-                self.found[(group, element)] = _text(view[value_at : value_at + length])
+                self.found[(group, element)] = uid_text(view[value_at : value_at + length])
             offset = value_at + length
         if depth > 0:
             raise _UnclearError  # an undefined-length item without its delimiter
@@ -207,7 +213,7 @@ class _Walk:
         if depth >= _MAX_NESTING:
             raise _UnclearError
         while offset + 8 <= end:
-            group, element, length = struct.unpack_from(endian + "HHI", view, offset)
+            group, element, length = _IMPLICIT_HEADER[endian].unpack_from(view, offset)
             offset += 8
             if (group, element) == (0xFFFE, 0xE0DD):
                 return offset
@@ -220,7 +226,3 @@ class _Walk:
             else:
                 offset += length
         raise _UnclearError
-
-
-def _text(value: bytes) -> str:
-    return value.decode("ascii", errors="replace").rstrip("\0 ")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from soupflow.dicomfile import uid_bytes, uid_text
+
 # Command Field values, PS3.7 Annex E (Table E.1-1).
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
@@ -17,18 +19,22 @@ C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 NO_DATA_SET = 0x0101  # Command Data Set Type: no dataset follows
 
+# C-STORE statuses, PS3.4 Annex B.2.3 (Table B.2-1) and PS3.7 Annex C.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (the sender may retry)
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set does not match SOP Class
+CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
+
 _AFFECTED_SOP_CLASS_UID = 0x00000002
 _COMMAND_FIELD = 0x00000100
 _MESSAGE_ID = 0x00000110
 _MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
 _COMMAND_DATA_SET_TYPE = 0x00000800
 _STATUS = 0x00000900
-_ERROR_COMMENT = 0x00000902
 _AFFECTED_SOP_INSTANCE_UID = 0x00001000
 _ELEMENT_HEADER = struct.Struct("<HHI")
 _US = struct.Struct("<H")
 _UL = struct.Struct("<I")
-_ERROR_COMMENT_MAX = 64  # LO, PS3.5 Table 6.2-1
 
 
 class CommandError(ValueError):
@@ -44,10 +50,6 @@ class Command:
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     has_data_set: bool
-
-
-def _text(value: bytes) -> str:
-    return value.decode("ascii", errors="replace").rstrip("\0 ")
 
 
 def parse_command(data: bytes) -> Command:
@@ -76,8 +78,8 @@ def parse_command(data: bytes) -> Command:
     return Command(
         command_field=command_field,
         message_id=message_id,
-        affected_sop_class_uid=_text(values.get(_AFFECTED_SOP_CLASS_UID, b"")),
-        affected_sop_instance_uid=_text(values.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
+        affected_sop_class_uid=uid_text(values.get(_AFFECTED_SOP_CLASS_UID, b"")),
+        affected_sop_instance_uid=uid_text(values.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
         has_data_set=data_set_type != NO_DATA_SET,
     )
 
@@ -86,27 +88,19 @@ def _element(tag: int, value: bytes) -> bytes:
     return _ELEMENT_HEADER.pack(tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
-    encoded = value.encode("ascii")
-    return encoded + b"\0" if len(encoded) % 2 else encoded  # UI pads with NUL (PS3.5 9.1)
-
-
-def response(request: Command, status: int, error_comment: str = "") -> bytes:
+def response(request: Command, status: int) -> bytes:
     """The response command set to a C-STORE-RQ or C-ECHO-RQ (PS3.7 9.3.1.2, 9.3.5.2)."""
     is_store = request.command_field == C_STORE_RQ
     elements = [
-        _element(_AFFECTED_SOP_CLASS_UID, _uid(request.affected_sop_class_uid)),
+        _element(_AFFECTED_SOP_CLASS_UID, uid_bytes(request.affected_sop_class_uid)),
         _element(_COMMAND_FIELD, _US.pack(C_STORE_RSP if is_store else C_ECHO_RSP)),
         _element(_MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(request.message_id)),
         _element(_COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
         _element(_STATUS, _US.pack(status)),
     ]
-    if error_comment:
-        comment = error_comment[:_ERROR_COMMENT_MAX].encode("ascii", errors="replace")
-        elements.append(_element(_ERROR_COMMENT, comment + b" " if len(comment) % 2 else comment))
     if is_store:
         elements.append(
-            _element(_AFFECTED_SOP_INSTANCE_UID, _uid(request.affected_sop_instance_uid))
+            _element(_AFFECTED_SOP_INSTANCE_UID, uid_bytes(request.affected_sop_instance_uid))
         )
     body = b"".join(elements)
     return _element(0x00000000, _UL.pack(len(body))) + body

@@ -27,6 +27,12 @@ from pathlib import Path
 
 from soupflow.association import Association, Received
 from soupflow.dicomfile import MalformedObjectError, identify
+from soupflow.dimse import (
+    CANNOT_UNDERSTAND,
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
 from soupflow.store.queue import Arrival, Queue, QueueError
 from soupflow.store.spool import Spool, SpoolError
 from soupflow.upperlayer import REJECT_LOCAL_LIMIT, Request
@@ -34,11 +40,6 @@ from soupflow.workflow.model import DicomReceiverSetting
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses, PS3.4 Annex B.2.3 (Table B.2-1) and PS3.7 Annex C.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (the sender may retry)
-DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set does not match SOP Class
-CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 REJECT_CALLING_AE = (
@@ -288,7 +289,6 @@ class Listener:
             association = Association(
                 connection,
                 self.ingest.spool.incoming,
-                our_aet=receiver.our_aet.strip(),
                 our_max_pdu=receiver.max_pdu_size,
                 timeout_seconds=float(receiver.association_timeout_seconds),
                 decide=self._decide,

@@ -135,7 +135,8 @@ def accept(request: Request, our_max_pdu: int) -> tuple[dict[int, AcceptedContex
     for context in results:
         if context.result == 0x00 and not _storage_or_verification(str(context.abstract_syntax)):
             context.result = ABSTRACT_SYNTAX_NOT_SUPPORTED
-    reply_roles = [role for role in reply_roles if role.sop_class_uid not in _refused(results)]
+    refused = _refused(results)
+    reply_roles = [role for role in reply_roles if role.sop_class_uid not in refused]
     accepted = {
         cast(int, context.context_id): AcceptedContext(
             str(context.abstract_syntax), str(context.transfer_syntax[0])

@@ -1,7 +1,8 @@
 """The acceptor's side of the upper layer: negotiation, fragments, aborts, shutdown.
 
 Peers are pynetdicom (as a requestor) and raw sockets speaking PS3.8 bytes crafted with
-pynetdicom's PDU codec and pydicom's encoder, never with the code under test.
+pynetdicom's PDU codec and pydicom's encoder (bench.scu's wire helpers), never with the code
+under test.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, build_role
-from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
+from pynetdicom.dsutils import decode
 
+from bench.scu import associate_request, pdv_pdu, read_pdu, store_command
 from soupflow.listener import SUCCESS
 from tests.dicom import (
     DEADLINE_SECONDS,
@@ -48,36 +47,19 @@ class RawPeer:
         application_context: str = "1.2.840.10008.3.1.1.1",
         host: str = "127.0.0.1",
         max_pdu: int = 16384,
+        protocol_version: int = 0x0001,
     ) -> None:
         self.connection = socket.create_connection((host, port), timeout=DEADLINE_SECONDS)
-        primitive = A_ASSOCIATE()
-        primitive.application_context_name = application_context
-        primitive.calling_ae_title = "MODALITY01"
-        primitive.called_ae_title = "SOUPFLOW"
-        context = build_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
-        context.context_id = 1
-        primitive.presentation_context_definition_list = [context]
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = max_pdu
-        primitive.user_information = [maximum]
-        request = A_ASSOCIATE_RQ()
-        request.from_primitive(primitive)
-        self.connection.sendall(request.encode())
+        contexts = [(1, CT_IMAGE_STORAGE, ExplicitVRLittleEndian)]
+        request = bytearray(
+            associate_request("MODALITY01", "SOUPFLOW", contexts, max_pdu, application_context)
+        )
+        request[6:8] = protocol_version.to_bytes(2, "big")  # PS3.8 9.3.2
+        self.connection.sendall(request)
         self.reply_type, self.reply = self.read_pdu()
 
     def read_pdu(self) -> tuple[int, bytes]:
-        header = self._read(6)
-        pdu_type, length = struct.unpack(">BxI", header)
-        return pdu_type, self._read(length)
-
-    def _read(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = self.connection.recv(size - len(data))
-            if not chunk:
-                raise EOFError("closed")
-            data += chunk
-        return data
+        return read_pdu(self.connection)
 
     def read_command(self) -> tuple[Dataset, list[int]]:
         """A command sent in P-DATA fragments, and the length of each PDU that carried it."""
@@ -94,20 +76,10 @@ class RawPeer:
         raise AssertionError("no last fragment in 100 PDUs")
 
     def send_pdv(self, context_id: int, control: int, value: bytes) -> None:
-        item = struct.pack(">IBB", len(value) + 2, context_id, control) + value
-        self.connection.sendall(struct.pack(">BxI", 0x04, len(item)) + item)
+        self.connection.sendall(pdv_pdu(context_id, control, value))
 
     def store_command(self, sop_instance_uid: str, command_field: int = 0x0001) -> bytes:
-        command = Dataset()
-        command.AffectedSOPClassUID = CT_IMAGE_STORAGE
-        command.CommandField = command_field
-        command.MessageID = 7
-        command.Priority = 0
-        command.CommandDataSetType = 0x0000
-        command.AffectedSOPInstanceUID = sop_instance_uid
-        encoded = encode(command, True, True)
-        assert encoded is not None
-        return struct.pack("<HHII", 0, 0, 4, len(encoded)) + encoded
+        return store_command(CT_IMAGE_STORAGE, sop_instance_uid, 7, command_field)
 
     def abort_reason(self) -> int:
         """The reason of the A-ABORT the listener sent before closing the connection."""
@@ -185,6 +157,16 @@ def test_a_wrong_application_context_is_rejected(tmp_path: Path) -> None:
         try:
             assert peer.reply_type == 0x03  # A-ASSOCIATE-RJ
             assert peer.reply[1:4] == bytes((0x01, 0x01, 0x02))  # permanent, user, app context
+        finally:
+            peer.close()
+
+
+def test_an_unsupported_protocol_version_is_rejected(tmp_path: Path) -> None:
+    with receiving(tmp_path / "data") as running:
+        peer = RawPeer(running.port, protocol_version=0x0002)
+        try:
+            assert peer.reply_type == 0x03  # A-ASSOCIATE-RJ
+            assert peer.reply[1:4] == bytes((0x01, 0x02, 0x02))  # permanent, ACSE, version
         finally:
             peer.close()
 
