@@ -24,7 +24,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from soupflow.message.convert import Options, convert
-from soupflow.store.queue import Arrival
+from soupflow.store.queue import Arrival, Origin
 
 ARRIVAL = Arrival(
     request_id="r",
@@ -34,10 +34,7 @@ ARRIVAL = Arrival(
     sop_class_uid="",
     sop_instance_uid="",
     transfer_syntax_uid=ExplicitVRLittleEndian,
-    calling_aet="A",
-    called_aet="B",
-    peer_address="127.0.0.1",
-    peer_port=1,
+    origin=Origin(calling_aet="A", called_aet="B", peer_address="127.0.0.1", peer_port=1),
     received_at=0.0,
 )
 

@@ -1,4 +1,5 @@
-"""The `soupflow` command: the only place that prints. Downstream: workflow.*.
+"""The `soupflow` command: the only place that prints. Downstream: workflow (validate, fmt,
+diff), runtime (run), admin (status, dead), dicom.requestor (echo), schemas.
 
 `soupflow --help` and `soupflow COMMAND --help` are the user's manual.
 """
@@ -12,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -22,11 +22,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from soupflow import operations, schemas
-from soupflow.activities.dicom_sender import echo
-from soupflow.runtime import Runtime
+from soupflow import admin, durable, schemas
+from soupflow.dicom.requestor import Destination, echo
+from soupflow.runtime.supervisor import Runtime
+from soupflow.runtime.watch import watch
 from soupflow.store.queue import QueueError
-from soupflow.watch import watch
 from soupflow.workflow import diff, fmt
 from soupflow.workflow.jsonpos import JsonSyntaxError, parse
 from soupflow.workflow.load import load_paths, workflow_paths
@@ -127,12 +127,12 @@ def _age(seconds: float | None) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     try:
-        rows = operations.status(args.data)
-    except operations.NoDataError as exc:
+        rows = admin.status(args.data, args.workflows)
+    except admin.NoDataError as exc:
         _say(_err, str(exc), "red")
         return EXIT_PROBLEMS
     if args.json:
-        _say(_out, json.dumps(operations.status_json(rows), indent=2))
+        _say(_out, json.dumps(admin.status_json(rows), indent=2))
         return EXIT_OK
     table = Table(title=f"soupflow status ({args.data})")
     for column in (
@@ -144,6 +144,7 @@ def _status(args: argparse.Namespace) -> int:
         "completed",
         "filtered",
         "dead",
+        "duplicates",
         "oldest pending",
     ):
         table.add_column(column)
@@ -155,7 +156,7 @@ def _status(args: argparse.Namespace) -> int:
             row.state,
             *(
                 str(counts[state])
-                for state in ("queued", "processing", "completed", "filtered", "dead")
+                for state in ("queued", "processing", "completed", "filtered", "dead", "duplicates")
             ),
             _age(row.oldest_pending_seconds),
         )
@@ -173,8 +174,8 @@ def _dead(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        found = operations.dead_messages(args.data, args.workflow, ids, args.workflows)
-    except operations.NoDataError as exc:
+        found = admin.dead_messages(args.data, args.workflow, ids, args.workflows)
+    except admin.NoDataError as exc:
         _say(_err, str(exc), "red")
         return EXIT_PROBLEMS
     if args.action == "list":
@@ -224,7 +225,7 @@ def _dead(args: argparse.Namespace) -> int:
             return EXIT_PROBLEMS
         return EXIT_OK
     if args.action == "retry":
-        count = operations.retry_dead(args.data, ids, args.workflow)
+        count = admin.retry_dead(args.data, ids, args.workflow)
         _say(_out, f"{count} dead message(s) queued again")
         return EXIT_OK
     if not args.yes:
@@ -241,14 +242,14 @@ def _dead(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             _say(_out, "nothing purged")
             return EXIT_OK
-    count = operations.purge_dead(args.data, ids, args.workflow)
+    count = admin.purge_dead(args.data, ids, args.workflow)
     _say(_out, f"{count} dead message(s) purged")
     return EXIT_OK
 
 
 # ----------------------------------------------------------------------------------- echo
 def _echo(args: argparse.Namespace) -> int:
-    ok, what = echo(args.host, args.port, args.aet, args.called_aet, args.timeout)
+    ok, what = echo(Destination(args.host, args.port, args.aet, args.called_aet, args.timeout))
     _say(
         _out if ok else _err,
         f"{args.called_aet} at {args.host}:{args.port}: {what}",
@@ -309,21 +310,9 @@ def _fmt(args: argparse.Namespace) -> int:
             _say(_out, f"would reformat {path}")
             status = EXIT_PROBLEMS
         else:
-            _write_atomically(path, formatted)
+            durable.replace(path, formatted.encode("utf-8"))
             _say(_out, f"reformatted {path}")
     return status
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: no reader sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------- diff
@@ -503,11 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="listeners, queue depth and outcomes per workflow",
         description="Per workflow: its listener (from the running runtime), how many messages "
-        "are queued, processing, completed, filtered and dead, and the age of the oldest "
-        "pending one.",
+        "are queued, processing, completed, filtered and dead, how many resends were dropped "
+        "as duplicates (DeduplicateWindowSeconds), and the age of the oldest pending one.",
     )
     status_command.add_argument(
         "--data", type=Path, default=data_default, help="data folder (default: data)"
+    )
+    status_command.add_argument(
+        "--workflows",
+        type=Path,
+        default=Path(os.environ.get("SOUPFLOW_WORKFLOWS", "workflows")),
+        help="workflow files, for names when no runtime runs (default: workflows)",
     )
     status_command.add_argument("--json", action="store_true", help="print JSON for tools")
     status_command.set_defaults(run=_status)

@@ -21,8 +21,9 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, _config
 
-from soupflow.listener import Ingest, Listener
-from soupflow.runtime import LISTENERS_FILE
+from soupflow.ingest import Ingest
+from soupflow.receivers.dicom import Listener
+from soupflow.runtime.listeners_file import LISTENERS_FILE
 from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
 from soupflow.workflow.model import DicomReceiverSetting

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from soupflow.store.queue import Arrival
+from soupflow.store.queue import Arrival, Origin
+
+_ORIGIN_FIELDS = ("calling_aet", "called_aet", "peer_address", "peer_port")
 
 
 def arrival(**fields: Any) -> Arrival:
-    """An Arrival with plausible values; `fields` override them."""
+    """An Arrival with plausible values; `fields` override them (the origin's too)."""
     defaults: dict[str, Any] = {
         "request_id": "8c7f0c1e-2b6a-4f7e-9a51-0d1c2b3a4f5e",
         "workflow_id": "workflow-1",
@@ -23,4 +25,6 @@ def arrival(**fields: Any) -> Arrival:
         "peer_port": 40001,
         "received_at": 1_790_000_000.123,
     }
-    return Arrival(**{**defaults, **fields})
+    merged = {**defaults, **fields}
+    origin = Origin(**{name: merged.pop(name) for name in _ORIGIN_FIELDS})
+    return Arrival(**merged, origin=origin)

@@ -19,7 +19,7 @@ from pynetdicom import AE, build_role
 from pynetdicom.dsutils import decode
 
 from bench.scu import associate_request, pdv_pdu, read_pdu, store_command
-from soupflow.listener import SUCCESS
+from soupflow.dicom.status import SUCCESS
 from tests.dicom import (
     DEADLINE_SECONDS,
     Receiving,

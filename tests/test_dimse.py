@@ -9,7 +9,7 @@ from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
 
-from soupflow import dimse
+from soupflow.dicom import dimse
 
 
 def _command_bytes(message: C_STORE_RQ | C_ECHO_RQ) -> bytes:

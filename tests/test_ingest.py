@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from bench.ingest import free_port
-from soupflow.listener import SUCCESS
+from soupflow.dicom.status import SUCCESS
 from tests.dicom import (
     NODELAY,
     associate,
@@ -188,7 +188,7 @@ def test_a_new_allow_list_applies_to_the_next_association_without_cutting_the_op
 ) -> None:
     with receiving(tmp_path / "data", AcceptedCallingAETs="MODALITY01") as running:
         open_one = associate(running.port, "MODALITY01")
-        running.listener.update_policy(
+        running.listener.update(
             running.listener.receiver.model_copy(update={"accepted_calling_aets": "CT2"})
         )
         assert _rejection(associate(running.port, "MODALITY01")) == (0x01, 0x01, 0x03)
@@ -202,7 +202,7 @@ def test_a_rejection_is_logged_with_ae_titles_and_peer_address(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with (
-        caplog.at_level("WARNING", logger="soupflow.listener"),
+        caplog.at_level("WARNING", logger="soupflow.receivers.dicom"),
         receiving(tmp_path / "data", AcceptedCallingAETs="CT1") as running,
     ):
         assert _rejection(associate(running.port, "INTRUDER", "SOUPFLOW")) == (0x01, 0x01, 0x03)

@@ -13,12 +13,13 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from soupflow.activities.connections import Connections
 from soupflow.message.convert import Options, convert
 from soupflow.pipeline.context import RunContext
 from soupflow.pipeline.errors import PermanentError
 from soupflow.pipeline.run import Result, run_message
+from soupflow.runtime.workers import backoff_seconds
 from soupflow.store.queue import Arrival
-from soupflow.worker import backoff_seconds
 from soupflow.workflow.load import load_text
 from tests import documents, records
 from tests.dicom import sample_file
@@ -64,7 +65,9 @@ def run(
     context = RunContext(loaded, convert(path, facts, Options()), facts, path, data)
     recorded: list[str] = []
     with httpx.Client() as client:
-        result = run_message(context, done, lambda activity, _: recorded.append(activity), client)
+        result = run_message(
+            context, done, lambda activity, _: recorded.append(activity), client, Connections()
+        )
     return result, recorded
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from soupflow.store.queue import ActivityOutcome, Arrival, LeaseLostError, Queue, QueueError, State
-from soupflow.store.sqlite import SqliteQueue
+from soupflow.store.queue import (
+    MAX_LEASE_EXPIRIES,
+    ActivityOutcome,
+    Arrival,
+    LeaseLostError,
+    Queue,
+    QueueError,
+    State,
+    owner_id,
+)
+from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 from tests import records
 
 LEASE = 30.0
@@ -129,8 +139,9 @@ def test_an_expired_lease_makes_the_message_queued_again_and_the_old_owner_loses
 ) -> None:
     queue.enqueue(arrival(1))
     queue.lease("worker-1", T0 + 1, LEASE)
-    assert queue.expire_leases(T0 + LEASE) == 0
-    assert queue.expire_leases(T0 + 1 + LEASE + 1) == 1
+    assert queue.expire_leases(T0 + LEASE) == []
+    [expired] = queue.expire_leases(T0 + 1 + LEASE + 1)
+    assert (expired.state, expired.lease_expiries) == (State.QUEUED, 1)
     taken = queue.lease("worker-2", T0 + 100, LEASE)
     assert taken is not None and taken.lease_owner == "worker-2"
     with pytest.raises(LeaseLostError):
@@ -138,7 +149,7 @@ def test_an_expired_lease_makes_the_message_queued_again_and_the_old_owner_loses
     with pytest.raises(LeaseLostError):
         queue.record_activity("request-001", "worker-1", ActivityOutcome("a1", True, "", T0 + 101))
     queue.renew("request-001", "worker-2", T0 + 120, LEASE)
-    assert queue.expire_leases(T0 + 100 + LEASE + 1) == 0
+    assert queue.expire_leases(T0 + 100 + LEASE + 1) == []
 
 
 def test_activity_outcomes_outlive_attempts(queue: Queue) -> None:
@@ -161,13 +172,169 @@ def test_activity_outcomes_outlive_attempts(queue: Queue) -> None:
     assert outcomes == {"file-writer": (True, "wrote"), "webhook": (True, "HTTP 200")}
 
 
-def test_recover_returns_every_processing_message_to_queued(queue: Queue) -> None:
-    for number in (1, 2, 3):
+def test_recover_takes_back_only_this_nodes_earlier_leases(queue: Queue) -> None:
+    for number in (1, 2, 3, 4):
         queue.enqueue(arrival(number))
-    queue.lease("worker-1", T0 + 10, LEASE)
-    queue.lease("worker-2", T0 + 10, LEASE)
-    assert queue.recover() == 2
-    assert {m.state for m in queue.messages()} == {State.QUEUED}
+    queue.lease(owner_id("node-a", "boot1", 1), T0 + 10, LEASE)
+    queue.lease(owner_id("node-a", "boot1", 2), T0 + 10, LEASE)
+    queue.lease(owner_id("node-b", "boot7", 1), T0 + 10, LEASE)  # another machine, still alive
+    queue.lease(owner_id("node-ab", "boot3", 1), T0 + 10, LEASE)  # a name with node-a's prefix
+    recovered = queue.recover("node-a", T0 + 20)
+    assert sorted(m.request_id for m in recovered) == ["request-001", "request-002"]
+    states = {m.request_id: m.state for m in queue.messages()}
+    assert states == {
+        "request-001": State.QUEUED,
+        "request-002": State.QUEUED,
+        "request-003": State.PROCESSING,
+        "request-004": State.PROCESSING,
+    }
+
+
+def test_owners_of_two_processes_cannot_finish_each_others_messages(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    mine, theirs = owner_id("node-a", "boot1", 1), owner_id("node-a", "boot2", 1)
+    assert mine != theirs
+    queue.lease(mine, T0 + 1, LEASE)
+    with pytest.raises(LeaseLostError):
+        queue.finish("request-001", theirs, State.COMPLETED, T0 + 2)
+    with pytest.raises(LeaseLostError):
+        queue.renew("request-001", theirs, T0 + 2, LEASE)
+    queue.finish("request-001", mine, State.COMPLETED, T0 + 3)
+
+
+def test_a_renewed_lease_does_not_expire(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    start = T0 + 10
+    assert queue.lease("worker-1", start, LEASE) is not None
+    for step in range(1, 6):  # a long activity: renewed every third of the lease
+        queue.renew("request-001", "worker-1", start + step * LEASE / 3, LEASE)
+        assert queue.expire_leases(start + step * LEASE / 3 + LEASE / 2) == []
+    message = queue.get("request-001")
+    assert message is not None and message.state == State.PROCESSING
+
+
+def test_a_message_whose_lease_expired_three_times_is_dead(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    now = T0 + 10
+    for expiry in range(1, MAX_LEASE_EXPIRIES + 1):
+        assert queue.lease("worker-1", now, LEASE) is not None
+        now += LEASE + 1
+        [message] = queue.expire_leases(now)
+        assert message.lease_expiries == expiry
+    assert message.state == State.DEAD
+    assert message.reason is not None and "stopped or hung 3 times" in message.reason
+    assert queue.lease("worker-1", now, LEASE) is None
+    assert queue.revive(["request-001"], None, now) == 1
+    revived = queue.get("request-001")
+    assert revived is not None and (revived.state, revived.lease_expiries) == (State.QUEUED, 0)
+
+
+def test_recovering_after_crashes_counts_as_expiries(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    for boot in range(MAX_LEASE_EXPIRIES):
+        assert queue.lease(owner_id("node-a", f"boot{boot}", 1), T0 + 10, LEASE) is not None
+        [message] = queue.recover("node-a", T0 + 10)
+    assert message.state == State.DEAD
+
+
+def test_a_resend_within_the_deduplication_window_is_not_queued_again(queue: Queue) -> None:
+    assert queue.enqueue(arrival(1), dedupe_seconds=60)
+    resend = records.arrival(
+        **{**_fields(arrival(1)), "request_id": "resend", "received_at": T0 + 30}
+    )
+    assert not queue.enqueue(resend, dedupe_seconds=60)
+    later = records.arrival(
+        **{**_fields(arrival(1)), "request_id": "later", "received_at": T0 + 200}
+    )
+    assert queue.enqueue(later, dedupe_seconds=60)
+    other = records.arrival(
+        **{**_fields(arrival(1)), "request_id": "other", "workflow_id": "workflow-b"}
+    )
+    assert queue.enqueue(other, dedupe_seconds=60)  # another workflow: not a duplicate
+    assert queue.enqueue(
+        records.arrival(**{**_fields(arrival(1)), "request_id": "off", "received_at": T0 + 201})
+    )  # no window: a resend is processed again
+    assert sorted(m.request_id for m in queue.messages()) == [
+        "later",
+        "off",
+        "other",
+        "request-001",
+    ]
+    counts = {c.workflow_id: c for c in queue.counts()}
+    assert (counts["workflow-a"].duplicates, counts["workflow-b"].duplicates) == (1, 0)
+
+
+def _fields(message: Arrival) -> dict[str, object]:
+    origin = message.origin
+    return {
+        "request_id": message.request_id,
+        "workflow_id": message.workflow_id,
+        "object_path": message.object_path,
+        "byte_count": message.byte_count,
+        "sop_class_uid": message.sop_class_uid,
+        "sop_instance_uid": message.sop_instance_uid,
+        "transfer_syntax_uid": message.transfer_syntax_uid,
+        "received_at": message.received_at,
+        "calling_aet": origin.calling_aet,
+        "called_aet": origin.called_aet,
+        "peer_address": origin.peer_address,
+        "peer_port": origin.peer_port,
+    }
+
+
+def test_the_schema_version_is_read_and_a_newer_database_refused(
+    opener: Callable[[], Queue], tmp_path: Path
+) -> None:
+    queue = opener()
+    version = queue.schema_version
+    assert version >= 2
+    queue.close()
+    database = sqlite3.connect(tmp_path / "data" / DATABASE_FILE)
+    database.execute(f"PRAGMA user_version={version + 1}")
+    database.close()
+    with pytest.raises(QueueError, match="newer soupflow"):
+        opener()
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    database = sqlite3.connect(data / DATABASE_FILE)
+    database.executescript(V1_SCHEMA)
+    database.execute(
+        "INSERT INTO messages VALUES ('r1', 'w', 'r1/r1.dcm', 10, '1.2', '1.2.3', '1.2.840.10008.1.2',"
+        " 'A', 'B', '127.0.0.1', 1, 5.0, 'queued', 0, 5.0, NULL, NULL, NULL, NULL, 5.0)"
+    )
+    database.execute("PRAGMA user_version=1")
+    database.commit()
+    database.close()
+    queue = SqliteQueue(data)
+    try:
+        assert queue.schema_version == 2
+        leased = queue.lease("worker-1", 10.0, LEASE)
+        assert leased is not None and leased.request_id == "r1" and leased.lease_expiries == 0
+    finally:
+        queue.close()
+
+
+# The schema soupflow 0.1 (queue version 1) wrote, as it shipped.
+V1_SCHEMA = """
+CREATE TABLE messages (
+    request_id TEXT NOT NULL, workflow_id TEXT NOT NULL, object_path TEXT NOT NULL,
+    byte_count INTEGER NOT NULL, sop_class_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL, calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL,
+    peer_address TEXT NOT NULL, peer_port INTEGER NOT NULL, received_at REAL NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,
+    lease_owner TEXT, lease_expires_at REAL, reason TEXT, failed_activity TEXT,
+    updated_at REAL NOT NULL, PRIMARY KEY (request_id)
+);
+CREATE INDEX messages_ready ON messages (state, next_attempt_at);
+CREATE INDEX messages_workflow ON messages (workflow_id, state);
+CREATE TABLE activity_outcomes (
+    request_id TEXT NOT NULL, activity_id TEXT NOT NULL, succeeded INTEGER NOT NULL,
+    detail TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (request_id, activity_id)
+);
+"""
 
 
 def test_counts_per_workflow_with_the_oldest_pending(queue: Queue) -> None:

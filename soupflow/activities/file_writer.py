@@ -6,7 +6,11 @@ path must stay inside the folder the setting names (the part before its first va
 a variable cannot climb out with `..` or an absolute path. Every write goes to a temporary
 file that is fsynced and renamed: no reader ever sees half a file. With
 `MoveIntoDirectoryOnComplete`, a file that reaches `MaxRecordsPerFile` records moves into
-`DirectoryToMoveInto`.
+`DirectoryToMoveInto`; the record count is kept in the data folder (`file-writer/`), never
+beside the output: output folders are often watched by another system.
+
+Writes to one file are serialised by one of a fixed set of lock files in `file-writer/locks/`
+(by a hash of the target path: bounded, and it holds across threads and worker processes).
 """
 
 from __future__ import annotations
@@ -14,31 +18,33 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import fcntl
+import hashlib
 import os
-import tempfile
-import threading
 import time
-from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from soupflow.activities.base import Activity
+from soupflow import durable
+from soupflow.activities.base import Activity, Outcome
 from soupflow.pipeline.errors import PermanentError, TransientError
 from soupflow.workflow import model
 from soupflow.workflow.types import MessageType
 
-_LOCKS: defaultdict[Path, threading.Lock] = defaultdict(threading.Lock)
-_LOCKS_GUARD = threading.Lock()
+BOOKKEEPING_FOLDER = "file-writer"
+_LOCK_STRIPES = 64
 _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EAGAIN, errno.EDQUOT, errno.EBUSY})
 
 
-def run(setting: model.FileWriterSenderSetting, activity: Activity) -> str | None:
+def run(setting: model.FileWriterSenderSetting, activity: Activity) -> Outcome:
     target = resolve(setting.file_path_to_write, activity)
     try:
-        with _lock(target):
+        with _lock(activity.context.data_folder, target):
             if setting.message_type == MessageType.DICOM:
-                _replace(target, activity.context.object_path.read_bytes())
+                durable.replace(target, activity.context.object_path.read_bytes())
             elif setting.message_type == MessageType.Binary:
-                _replace(target, _decoded(activity.outbound))
+                durable.replace(target, _decoded(activity.outbound))
             else:
                 _append(setting, target, activity)
     except OSError as exc:
@@ -46,7 +52,7 @@ def run(setting: model.FileWriterSenderSetting, activity: Activity) -> str | Non
         raise kind(
             f"cannot write the file for {setting.file_path_to_write!r}: {os.strerror(exc.errno or errno.EIO)}"
         ) from None
-    return None
+    return Outcome(None, "written")
 
 
 def resolve(path_template: str, activity: Activity) -> Path:
@@ -63,9 +69,22 @@ def resolve(path_template: str, activity: Activity) -> Path:
     return target
 
 
-def _lock(target: Path) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _LOCKS[target]
+def _key(target: Path) -> str:
+    return hashlib.sha256(str(target).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@contextmanager
+def _lock(data_folder: Path, target: Path) -> Iterator[None]:
+    """One of `_LOCK_STRIPES` lock files, chosen by the target's path, held exclusively."""
+    folder = data_folder / BOOKKEEPING_FOLDER / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    stripe = int(_key(target)[:8], 16) % _LOCK_STRIPES
+    descriptor = os.open(folder / f"{stripe:02d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _decoded(text: str) -> bytes:
@@ -77,18 +96,23 @@ def _decoded(text: str) -> bytes:
 
 def _append(setting: model.FileWriterSenderSetting, target: Path, activity: Activity) -> None:
     record = activity.outbound if activity.outbound.endswith("\n") else activity.outbound + "\n"
-    existing = target.read_bytes() if target.exists() else _header(setting)
-    _replace(target, existing + record.encode("utf-8"))
-    counter = target.with_name(f".{target.name}.records")
-    count = (int(counter.read_text()) if counter.exists() else 0) + 1
-    if setting.move_into_directory_on_complete and count >= setting.max_records_per_file:
-        destination = resolve(
-            setting.directory_to_move_into.rstrip("/\\") + "/" + _stamped(target.name), activity
-        )
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(target, destination)
-        count = 0
-    _replace(counter, str(count).encode("ascii"))
+    fresh = not target.exists()
+    existing = _header(setting) if fresh else target.read_bytes()
+    durable.replace(target, existing + record.encode("utf-8"))
+    if not setting.move_into_directory_on_complete:
+        return
+    counter = activity.context.data_folder / BOOKKEEPING_FOLDER / "records" / _key(target)
+    count = (int(counter.read_text()) if counter.exists() and not fresh else 0) + 1
+    if count < setting.max_records_per_file:
+        durable.replace(counter, str(count).encode("ascii"))
+        return
+    destination = resolve(
+        setting.directory_to_move_into.rstrip("/\\") + "/" + _stamped(target.name), activity
+    )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(target, destination)
+    durable.fsync_directory(destination.parent)
+    counter.unlink(missing_ok=True)
 
 
 def _header(setting: model.FileWriterSenderSetting) -> bytes:
@@ -101,25 +125,3 @@ def _stamped(name: str) -> str:
     stem, dot, suffix = name.rpartition(".")
     stamp = time.strftime("%Y%m%d%H%M%S")
     return f"{stem}-{stamp}{dot}{suffix}" if dot else f"{name}-{stamp}"
-
-
-def _replace(target: Path, data: bytes) -> None:
-    """Write `data` to `target` atomically and durably."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import httpx
 
-from soupflow.activities.base import Activity
+from soupflow.activities.base import Activity, Outcome
 from soupflow.pipeline.errors import PermanentError, TransientError
 from soupflow.workflow import model
 from soupflow.workflow.types import HttpAuthentication, HttpMethod
@@ -26,7 +26,7 @@ _TOKENS_LOCK = threading.Lock()
 _TOKEN_MARGIN_SECONDS = 30
 
 
-def run(setting: model.HttpSenderSetting, activity: Activity) -> str | None:
+def run(setting: model.HttpSenderSetting, activity: Activity) -> Outcome:
     context = activity.context
     url = context.expand(setting.server)
     headers = {header.name: context.expand(header.value) for header in setting.headers}
@@ -52,7 +52,11 @@ def run(setting: model.HttpSenderSetting, activity: Activity) -> str | None:
         auth=auth,
         timeout=setting.timeout_seconds,
     )
-    return response.text if setting.wait_for_response else None
+    return Outcome(response.text if setting.wait_for_response else None, described(response))
+
+
+def described(response: httpx.Response) -> str:
+    return f"HTTP {response.status_code} {response.reason_phrase}"
 
 
 def send(

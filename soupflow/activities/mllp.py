@@ -6,20 +6,27 @@ without `WaitForResponse` nothing is read; with it the reply is read until `Fram
 AE/AR (or CE/CR) ACK is a permanent failure; an empty reply is a failure only with
 `UseResponse`. A refused connection is transient. The ACK's text may describe the patient: it
 is kept in the dead record, not in the reason the logs carry.
+
+With `KeepConnectionOpen` the connection is reused for the next message to the same server
+(kept while messages keep coming, closed after `KEEP_OPEN_SECONDS` idle); a kept connection
+the peer has closed meanwhile is noticed before it is used and replaced by a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
-from soupflow import hl7
-from soupflow.activities.base import Activity
-from soupflow.paths import parse_hl7_path
+from soupflow.activities.base import Activity, Outcome
+from soupflow.activities.connections import still_open
+from soupflow.pipeline import hl7
 from soupflow.pipeline.errors import PermanentError, TransientError
 from soupflow.workflow import model
+from soupflow.workflow.paths import parse_hl7_path
 
 NEGATIVE_ACKS = frozenset({"AE", "AR", "CE", "CR"})
+KEEP_OPEN_SECONDS = 60.0
 _ACK_CODE, _ACK_TEXT = parse_hl7_path("MSA-1"), parse_hl7_path("MSA-3")
 
 
@@ -32,7 +39,7 @@ def frame(characters: list[str | int], encoding: str) -> bytes:
     )
 
 
-def run(setting: model.MLLPSenderSetting, activity: Activity) -> str | None:
+def run(setting: model.MLLPSenderSetting, activity: Activity) -> Outcome:
     where = f"{setting.server}:{setting.port}"
     try:
         payload = (
@@ -42,42 +49,69 @@ def run(setting: model.MLLPSenderSetting, activity: Activity) -> str | None:
         )
     except LookupError:
         raise PermanentError(f"unknown Encoding {setting.encoding!r}") from None
+    key = (setting.server, setting.port)
+    pool = activity.connections.sockets
+    connection = pool.take(key) if setting.keep_connection_open else None
+    if connection is not None and not still_open(connection):
+        connection.close()
+        connection = None
+    if connection is None:
+        connection = _connect(setting, where)
     try:
-        connection = socket.create_connection(
+        reply = _exchange(setting, connection, payload, where)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            connection.close()
+        raise
+    if setting.keep_connection_open:
+        pool.give(key, connection, KEEP_OPEN_SECONDS)
+    else:
+        connection.close()
+    if reply is None:
+        return Outcome(None, "sent")
+    start = frame(setting.frame_start, setting.encoding)
+    text = reply.removeprefix(start).decode(setting.encoding, errors="replace")
+    if not text.strip():
+        if setting.use_response:
+            raise PermanentError(f"an empty reply from {where}")
+        return Outcome("", "sent; empty reply")
+    code = hl7.read(text, _ACK_CODE)
+    if code in NEGATIVE_ACKS:
+        error = PermanentError(f"negative ACK {code} from {where}")
+        error.detail = f"ACK text: {hl7.read(text, _ACK_TEXT)}"
+        raise error
+    return Outcome(text, f"ACK {code}" if code else "reply without MSA-1")
+
+
+def _connect(setting: model.MLLPSenderSetting, where: str) -> socket.socket:
+    try:
+        return socket.create_connection(
             (setting.server, setting.port), timeout=setting.timeout_seconds
         )
     except OSError as exc:
         raise TransientError(
             f"cannot connect to the MLLP listener at {where}: {type(exc).__name__}"
         ) from None
-    with connection:
-        try:
-            connection.sendall(payload)
-            if not setting.wait_for_response:
-                return None
-            reply = _read_frame(
-                connection, frame(setting.frame_end, setting.encoding), setting.timeout_seconds
-            )
-        except TimeoutError:
-            raise TransientError(
-                f"no ACK from {where} within {setting.timeout_seconds} s"
-            ) from None
-        except OSError as exc:
-            raise TransientError(
-                f"the MLLP connection to {where} failed: {type(exc).__name__}"
-            ) from None
-    start = frame(setting.frame_start, setting.encoding)
-    text = reply.removeprefix(start).decode(setting.encoding, errors="replace")
-    if not text.strip():
-        if setting.use_response:
-            raise PermanentError(f"an empty reply from {where}")
-        return ""
-    code = hl7.read(text, _ACK_CODE)
-    if code in NEGATIVE_ACKS:
-        error = PermanentError(f"negative ACK {code} from {where}")
-        error.detail = f"ACK text: {hl7.read(text, _ACK_TEXT)}"
-        raise error
-    return text
+
+
+def _exchange(
+    setting: model.MLLPSenderSetting, connection: socket.socket, payload: bytes, where: str
+) -> bytes | None:
+    """Send the framed message; the reply when `WaitForResponse` (else None)."""
+    try:
+        connection.settimeout(setting.timeout_seconds)
+        connection.sendall(payload)
+        if not setting.wait_for_response:
+            return None
+        return _read_frame(
+            connection, frame(setting.frame_end, setting.encoding), setting.timeout_seconds
+        )
+    except TimeoutError:
+        raise TransientError(f"no ACK from {where} within {setting.timeout_seconds} s") from None
+    except OSError as exc:
+        raise TransientError(
+            f"the MLLP connection to {where} failed: {type(exc).__name__}"
+        ) from None
 
 
 def _read_frame(connection: socket.socket, end: bytes, timeout: float) -> bytes:

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from soupflow.activities.base import Activity
-from soupflow.activities.http import REQUEST_ID_HEADER, send
+from soupflow.activities.base import Activity, Outcome
+from soupflow.activities.http import REQUEST_ID_HEADER, described, send
 from soupflow.pipeline.errors import PermanentError
 from soupflow.workflow import model
 from soupflow.workflow.types import BearerAuthentication
@@ -37,7 +37,7 @@ def _body(path: Path, boundary: str) -> Iterator[bytes]:
     yield f"\r\n--{boundary}--\r\n".encode("ascii")
 
 
-def run(setting: model.StowRsSenderSetting, activity: Activity) -> str | None:
+def run(setting: model.StowRsSenderSetting, activity: Activity) -> Outcome:
     context = activity.context
     url = context.expand(setting.base_url).rstrip("/") + "/studies"
     boundary = uuid.uuid4().hex
@@ -69,7 +69,7 @@ def run(setting: model.StowRsSenderSetting, activity: Activity) -> str | None:
         reason = _failure(response, context.arrival.sop_instance_uid)
         if reason is not None:
             raise PermanentError(f"{setting.base_url!r} did not store the instance (202): {reason}")
-    return str(response.text)
+    return Outcome(str(response.text), described(response))
 
 
 def _failure(response: httpx.Response, sop_instance_uid: str) -> str | None:

@@ -19,7 +19,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from soupflow.dicomfile import MalformedObjectError, read_object
+from soupflow.dicom.part10 import MalformedObjectError, read_object
 from soupflow.message.report import is_structured_report, report
 from soupflow.message.tags import dataset_tags
 from soupflow.message.values import Element, Notes, elements, text_of
@@ -83,10 +83,10 @@ def received_at_text(timestamp: float) -> str:
 
 def _association(arrival: Arrival) -> dict[str, Any]:
     return {
-        "CallingAET": arrival.calling_aet,
-        "CalledAET": arrival.called_aet,
-        "PeerAddress": arrival.peer_address,
-        "PeerPort": arrival.peer_port,
+        "CallingAET": arrival.origin.calling_aet,
+        "CalledAET": arrival.origin.called_aet,
+        "PeerAddress": arrival.origin.peer_address,
+        "PeerPort": arrival.origin.peer_port,
         "ReceivedAt": received_at_text(arrival.received_at),
         "TransferSyntaxUID": arrival.transfer_syntax_uid,
         "ByteCount": arrival.byte_count,

@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from soupflow import hl7, paths, template
-from soupflow.formats import format_datetime, format_value
 from soupflow.message.convert import render
+from soupflow.pipeline import hl7
 from soupflow.pipeline.errors import PermanentError
+from soupflow.pipeline.patterns import format_datetime, format_value
 from soupflow.store.queue import Arrival
-from soupflow.workflow import model
+from soupflow.workflow import model, paths, template
 from soupflow.workflow.load import LoadedWorkflow
 from soupflow.workflow.types import Direction, MessageType, PathType, normalize_reference
 
@@ -88,9 +88,9 @@ class RunContext:
         facts = {
             "workflowinstanceid": self.arrival.request_id,
             "requestid": self.arrival.request_id,
-            "callingaet": self.arrival.calling_aet,
-            "calledaet": self.arrival.called_aet,
-            "peeraddress": self.arrival.peer_address,
+            "callingaet": self.arrival.origin.calling_aet,
+            "calledaet": self.arrival.origin.called_aet,
+            "peeraddress": self.arrival.origin.peer_address,
             "sopinstanceuid": self.arrival.sop_instance_uid,
         }
         value = facts.get(key, _CONSTANTS.get(key, ""))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from soupflow.formats import parse_datetime
+from soupflow.pipeline.patterns import parse_datetime
 from soupflow.workflow import model
 from soupflow.workflow.types import Conjunction, DateComparer, StringComparer, ValidComparer
 

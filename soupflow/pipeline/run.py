@@ -1,4 +1,4 @@
-"""One message through its workflow. Upstream: worker. Downstream: filters, transformers,
+"""One message through its workflow. Upstream: runtime.workers. Downstream: filters, transformers,
 activities.
 
 Order (workflow-files.md 2.1-2.4): the receiver's filter (its transformers, then its items;
@@ -11,6 +11,7 @@ later activities use are the same on every attempt.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import httpx
 
 from soupflow.activities import RUNNERS
 from soupflow.activities.base import Activity
+from soupflow.activities.connections import Connections
 from soupflow.pipeline.context import RunContext
 from soupflow.pipeline.errors import ActivityError, PermanentError
 from soupflow.pipeline.transformers import filter_passes, run_actions
@@ -27,9 +29,15 @@ from soupflow.workflow.types import normalize_reference
 RECEIVER_STEP = "receiver"
 
 
+class Ending(enum.StrEnum):
+    COMPLETED = "completed"
+    FILTERED = "filtered"  # the receiver's filter said no: a successful end
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class Result:
-    state: str  # completed | filtered | failed
+    state: Ending
     error: ActivityError | None = None
     activity_id: str | None = None  # where it failed (RECEIVER_STEP before any activity)
 
@@ -39,6 +47,7 @@ def run_message(
     done: Collection[str],
     succeeded: Callable[[str, str], None],
     http: httpx.Client,
+    connections: Connections,
 ) -> Result:
     """Run the workflow for one message; `succeeded(activity_id, detail)` records progress."""
     workflow = context.workflow
@@ -47,7 +56,7 @@ def run_message(
     step = RECEIVER_STEP
     try:
         if not _host_passes(context, receiver.filters, None):
-            return Result("filtered")
+            return Result(Ending.FILTERED)
         _transform(context, receiver.variable_transformers, None)
         for reference in receiver.activities:
             activity_id = normalize_reference(reference)
@@ -59,10 +68,10 @@ def run_message(
             ):
                 continue
             step = activity_id
-            _activity(context, activity_id, entry.setting, done, succeeded, http)
+            _activity(context, activity_id, entry.setting, done, succeeded, http, connections)
     except ActivityError as exc:
-        return Result("failed", exc, step)
-    return Result("completed")
+        return Result(Ending.FAILED, exc, step)
+    return Result(Ending.COMPLETED)
 
 
 def _activity(
@@ -72,6 +81,7 @@ def _activity(
     done: Collection[str],
     succeeded: Callable[[str, str], None],
     http: httpx.Client,
+    connections: Connections,
 ) -> None:
     if sender.disabled or not _host_passes(context, sender.filters, activity_id):
         return
@@ -82,10 +92,11 @@ def _activity(
     runner = RUNNERS.get(type(sender))
     if runner is None:
         raise PermanentError(f"{type(sender).__name__} activities are not run by this version yet")
-    response = runner(sender, Activity(context, activity_id, context.outbound[activity_id], http))
-    if response is not None:
-        context.inbound[activity_id] = response
-    succeeded(activity_id, "done")
+    activity = Activity(context, activity_id, context.outbound[activity_id], http, connections)
+    outcome = runner(sender, activity)
+    if outcome.response is not None:
+        context.inbound[activity_id] = outcome.response
+    succeeded(activity_id, outcome.detail)
 
 
 def _host_passes(context: RunContext, reference: str | None, activity_id: str | None) -> bool:

@@ -13,11 +13,11 @@ import html
 import json
 from collections.abc import Sequence
 
-from soupflow.activities import code
-from soupflow.formats import format_value
+from soupflow.pipeline import code
 from soupflow.pipeline.context import RunContext
 from soupflow.pipeline.errors import PermanentError
 from soupflow.pipeline.filters import Operands, Reader, passes
+from soupflow.pipeline.patterns import format_value
 from soupflow.workflow import model
 from soupflow.workflow.types import TextFormat, Truncation, ValueEncoding
 

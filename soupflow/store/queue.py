@@ -1,6 +1,6 @@
 """The message queue: its state machine and the interface every backend implements.
 
-Upstream: listener (enqueue), workers (lease ... complete/retry/dead), CLI (status, dead).
+Upstream: ingest (enqueue), runtime.workers (lease ... finish/retry), admin (status, dead).
 A message moves queued -> processing (leased until `lease_expires_at`) -> completed |
 filtered | dead; a failed attempt returns it to queued with `next_attempt_at`; a lease that
 expires (the worker died) makes it queued again. Each activity's outcome is recorded so a
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class State(enum.StrEnum):
@@ -24,6 +24,9 @@ class State(enum.StrEnum):
 
 
 FINAL_STATES = frozenset({State.COMPLETED, State.FILTERED, State.DEAD})
+# A message whose lease ran out this many times (its worker died or hung each time) is dead:
+# a step that crashes the process must not crash every restart.
+MAX_LEASE_EXPIRIES = 3
 
 
 class QueueError(Exception):
@@ -36,30 +39,28 @@ class LeaseLostError(QueueError):
 
 @dataclass(frozen=True, kw_only=True)
 class Origin:
-    """What a C-STORE says of its object: the request and the association it came on."""
+    """Where an object came from: the peer, and the AE titles of the association it came on
+    (empty for a receiver without AE titles)."""
 
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-    calling_aet: str
-    called_aet: str
     peer_address: str
     peer_port: int
-
-    def origin(self) -> dict[str, Any]:
-        """These fields alone, as keyword arguments for another record (Any: mixed types)."""
-        return {name: getattr(self, name) for name in Origin.__dataclass_fields__}
+    calling_aet: str = ""
+    called_aet: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
-class Arrival(Origin):
-    """What the listener knows of a received object when it enqueues it."""
+class Arrival:
+    """What ingest knows of a received object when it enqueues it."""
 
     request_id: str
     workflow_id: str
     object_path: str  # relative to the spool
     byte_count: int
     received_at: float
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    origin: Origin
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Message:
     arrival: Arrival
     state: State
     attempts: int
+    lease_expiries: int  # leases taken back from a worker that stopped or hung
     next_attempt_at: float
     lease_owner: str | None
     lease_expires_at: float | None
@@ -96,14 +98,29 @@ class WorkflowCounts:
     workflow_id: str
     by_state: dict[State, int]
     oldest_pending_received_at: float | None
+    duplicates: int = 0  # arrivals dropped by DeduplicateWindowSeconds
+
+
+def owner_id(node: str, boot: str, worker: int) -> str:
+    """A lease owner: unique per worker, process start (`boot`) and machine (`node`), so two
+    processes on one queue can never finish each other's messages."""
+    return f"{node}/{boot}/worker-{worker}"
 
 
 class Queue(Protocol):
-    def enqueue(self, arrival: Arrival) -> None:
-        """Commit a new queued message durably (before the sender hears Success)."""
+    """The queue's verbs; `tests/test_queue_contract.py` holds every backend to them."""
+
+    @property
+    def schema_version(self) -> int: ...
+
+    def enqueue(self, arrival: Arrival, dedupe_seconds: float = 0) -> bool:
+        """Commit a new queued message durably (before the sender hears Success). With
+        `dedupe_seconds`, an arrival whose SOPInstanceUID reached the same workflow within
+        that many seconds is not enqueued (False) and counted as a duplicate instead."""
 
     def lease(self, owner: str, now: float, lease_seconds: float) -> Message | None:
-        """Take the oldest ready message (queued, `next_attempt_at` <= now) for `owner`."""
+        """Take the oldest ready message (queued, `next_attempt_at` <= now) for `owner`, in
+        one statement (no other owner can take it between the look and the take)."""
 
     def renew(self, request_id: str, owner: str, now: float, lease_seconds: float) -> None:
         """Extend a lease still held by `owner`; LeaseLostError otherwise."""
@@ -135,11 +152,13 @@ class Queue(Protocol):
     ) -> None:
         """End a failed attempt: queued again at `next_attempt_at`, attempts + 1."""
 
-    def expire_leases(self, now: float) -> int:
-        """Messages whose lease ran out go back to queued; returns how many."""
+    def expire_leases(self, now: float) -> list[Message]:
+        """Messages whose lease ran out go back to queued (or dead, at the
+        `MAX_LEASE_EXPIRIES`-th time); returns them as they are now."""
 
-    def recover(self) -> int:
-        """At start: every message left processing by a crash goes back to queued."""
+    def recover(self, node: str, now: float) -> list[Message]:
+        """At start: the leases this node's earlier processes held (their workers are gone)
+        are taken back as `expire_leases` does. Other nodes' leases are left to expire."""
 
     def get(self, request_id: str) -> Message | None: ...
 

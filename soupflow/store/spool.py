@@ -1,6 +1,6 @@
 """Object files: received Part 10 objects, made durable before anything is acknowledged.
 
-Upstream: association (writes into `incoming`), listener (`commit`), workers (`path`,
+Upstream: receivers (write into `incoming`), ingest (`commit`), runtime.workers (`path`,
 `remove`). Layout under the data folder: `incoming/` for objects being received (on the
 same filesystem, so committing is a rename), `objects/<first two hex digits of the request
 id>/<request id>.dcm`. A file is durable once `commit` returns: its bytes and its
@@ -9,10 +9,13 @@ directory entry are fsynced (a crash one instant later keeps it).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 from pathlib import Path
+
+from soupflow.durable import fsync_directory, fsync_file
 
 _COPY_CHUNK = 1024 * 1024
 
@@ -46,15 +49,9 @@ class Spool:
         target = self.path(request_id)
         try:
             expected = source.stat().st_size
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(source, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                _copy(source, target)
-            size = _fsync_file(target)
-            _fsync_directory(target.parent)
+            _move(source, target)
+            size = fsync_file(target)
+            fsync_directory(target.parent)
             if size != expected:
                 raise SpoolError(errno.EIO, f"wrote {size} bytes of {expected}")
         except OSError as exc:
@@ -63,26 +60,32 @@ class Spool:
         return size
 
     def remove(self, request_id: str) -> None:
-        self.path(request_id).unlink(missing_ok=True)
+        """Delete the object, and its subfolder when that is left empty."""
+        path = self.path(request_id)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty (the usual case), or already gone
+            path.parent.rmdir()
+
+
+def _move(source: Path, target: Path) -> None:
+    """Rename into place (copy across filesystems); the subfolder is made again when a
+    concurrent `remove` took it away between the mkdir and the rename."""
+    for _ in range(3):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+            return
+        except FileNotFoundError:
+            if not source.exists():
+                raise
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy(source, target)
+            return
+    raise SpoolError(errno.ENOENT, f"the spool folder {target.parent} keeps disappearing")
 
 
 def _copy(source: Path, target: Path) -> None:
     with source.open("rb") as reader, target.open("wb") as writer:
         shutil.copyfileobj(reader, writer, _COPY_CHUNK)
-
-
-def _fsync_file(path: Path) -> int:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-        return os.fstat(descriptor).st_size
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -1,9 +1,14 @@
 """The embedded queue backend: one SQLite database in WAL mode under the data folder.
 
-Upstream: listener, workers, CLI. Every change is one transaction committed with
+Upstream: ingest, runtime.workers, admin. Every change is one transaction committed with
 `synchronous=FULL`, so a committed enqueue survives a crash or power loss. One connection is
 shared by the process's threads behind a lock; `BEGIN IMMEDIATE` keeps other processes (the
-CLI's `dead retry`) consistent with the runtime.
+CLI's `dead retry`, other runtimes on the same folder) consistent with this one. A lease is
+one `UPDATE ... RETURNING` statement, the shape a server database's `FOR UPDATE SKIP LOCKED`
+takes too.
+
+The schema carries its version (`PRAGMA user_version`): an older database is migrated at
+open, a newer one (written by a later soupflow) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from soupflow.store.queue import (
+    MAX_LEASE_EXPIRIES,
     ActivityOutcome,
     Arrival,
     LeaseLostError,
     Message,
+    Origin,
     QueueError,
     State,
     WorkflowCounts,
 )
 
 DATABASE_FILE = "queue.sqlite3"
-_SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _ARRIVAL_COLUMNS = (
     "request_id",
     "workflow_id",
@@ -35,12 +42,9 @@ _ARRIVAL_COLUMNS = (
     "sop_class_uid",
     "sop_instance_uid",
     "transfer_syntax_uid",
-    "calling_aet",
-    "called_aet",
-    "peer_address",
-    "peer_port",
     "received_at",
 )
+_ORIGIN_COLUMNS = ("calling_aet", "called_aet", "peer_address", "peer_port")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     request_id TEXT NOT NULL,
@@ -76,11 +80,28 @@ CREATE TABLE IF NOT EXISTS activity_outcomes (
     PRIMARY KEY (request_id, activity_id)
 );
 """
+# Each step takes the schema from version N - 1 to N (index 0: from 1 to 2).
+_MIGRATIONS = (
+    """
+ALTER TABLE messages ADD COLUMN lease_expiries INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS messages_instance ON messages (workflow_id, sop_instance_uid, received_at);
+CREATE TABLE IF NOT EXISTS duplicates (
+    workflow_id TEXT NOT NULL PRIMARY KEY,
+    count INTEGER NOT NULL,
+    last_at REAL NOT NULL
+);
+""",
+)
 
-
+_COLUMNS = (*_ARRIVAL_COLUMNS, *_ORIGIN_COLUMNS)
 _INSERT_ARRIVAL = (
-    f"INSERT INTO messages ({', '.join(_ARRIVAL_COLUMNS)}, state, next_attempt_at, updated_at) "
-    f"VALUES ({', '.join('?' for _ in _ARRIVAL_COLUMNS)}, ?, ?, ?)"
+    f"INSERT INTO messages ({', '.join(_COLUMNS)}, state, next_attempt_at, updated_at) "
+    f"SELECT {', '.join('?' for _ in _COLUMNS)}, ?, ?, ? WHERE NOT EXISTS ("
+    "SELECT 1 FROM messages WHERE workflow_id = ? AND sop_instance_uid = ? AND received_at >= ?)"
+)
+_COUNT_DUPLICATE = (
+    "INSERT INTO duplicates (workflow_id, count, last_at) VALUES (?, 1, ?) "
+    "ON CONFLICT (workflow_id) DO UPDATE SET count = count + 1, last_at = excluded.last_at"
 )
 
 
@@ -91,6 +112,7 @@ class _Batch:
         self.rows: list[tuple[Any, ...]] = []
         self.done = threading.Event()
         self.errors: dict[int, QueueError] = {}  # by row index
+        self.duplicates: set[int] = set()  # rows not inserted: a duplicate within the window
 
 
 class SqliteQueue:
@@ -112,12 +134,28 @@ class SqliteQueue:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             with self._write() as db:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                self._migrate(db)
         except (sqlite3.Error, OSError) as exc:
             raise QueueError(f"cannot open the queue database {self.path}: {exc}") from exc
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise QueueError(
+                f"the queue database {self.path} has schema version {version}, written by a "
+                f"newer soupflow; this one reads up to version {SCHEMA_VERSION}: upgrade "
+                "soupflow, or use another --data folder"
+            )
+        if version == 0:  # a new database: the first schema, then every migration
+            _execute_script(db, _SCHEMA)
+            version = 1
+        for script in _MIGRATIONS[version - 1 :]:
+            _execute_script(db, script)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._read("PRAGMA user_version")[0][0])
 
     # ------------------------------------------------------------------------- plumbing
     @contextmanager
@@ -143,10 +181,12 @@ class SqliteQueue:
 
     @staticmethod
     def _message(row: sqlite3.Row) -> Message:
+        origin = Origin(**{name: row[name] for name in _ORIGIN_COLUMNS})
         return Message(
-            arrival=Arrival(**{name: row[name] for name in _ARRIVAL_COLUMNS}),
+            arrival=Arrival(**{name: row[name] for name in _ARRIVAL_COLUMNS}, origin=origin),
             state=State(row["state"]),
             attempts=row["attempts"],
+            lease_expiries=row["lease_expiries"],
             next_attempt_at=row["next_attempt_at"],
             lease_owner=row["lease_owner"],
             lease_expires_at=row["lease_expires_at"],
@@ -164,17 +204,28 @@ class SqliteQueue:
             raise LeaseLostError(f"message {request_id} is not leased by {owner}")
 
     # ---------------------------------------------------------------------------- queue
-    def enqueue(self, arrival: Arrival) -> None:
+    def enqueue(self, arrival: Arrival, dedupe_seconds: float = 0) -> bool:
         """Commit the arrival; returns once it is durable.
 
         Group commit: arrivals from concurrent associations that come while a transaction
         is committing join one batch, written by whichever of them came first in a single
         transaction (one WAL fsync for all). Each caller still returns only after its own
         row is committed; when a batch fails, its rows are tried one by one, so one bad
-        row fails only its own caller.
+        row fails only its own caller. The duplicate check runs in the same transaction.
         """
         values = tuple(getattr(arrival, name) for name in _ARRIVAL_COLUMNS)
-        row = (*values, State.QUEUED, arrival.received_at, arrival.received_at)
+        origin = tuple(getattr(arrival.origin, name) for name in _ORIGIN_COLUMNS)
+        window_start = arrival.received_at - dedupe_seconds if dedupe_seconds > 0 else float("inf")
+        row = (
+            *values,
+            *origin,
+            State.QUEUED,
+            arrival.received_at,
+            arrival.received_at,
+            arrival.workflow_id,
+            arrival.sop_instance_uid,
+            window_start,
+        )
         with self._batch_lock:
             batch, leader = self._open_batch, self._open_batch is None
             if batch is None:
@@ -194,11 +245,14 @@ class SqliteQueue:
         error = batch.errors.get(index)
         if error is not None:
             raise error
+        return index not in batch.duplicates
 
     def _commit(self, batch: _Batch) -> None:
         try:
             with self._write() as db:
-                db.executemany(_INSERT_ARRIVAL, batch.rows)
+                batch.duplicates = {
+                    index for index, row in enumerate(batch.rows) if not _insert(db, row)
+                }
             return
         except QueueError as exc:
             if len(batch.rows) == 1:
@@ -207,26 +261,21 @@ class SqliteQueue:
         for index, row in enumerate(batch.rows):
             try:
                 with self._write() as db:
-                    db.execute(_INSERT_ARRIVAL, row)
+                    if not _insert(db, row):
+                        batch.duplicates.add(index)
             except QueueError as exc:
                 batch.errors[index] = exc
 
     def lease(self, owner: str, now: float, lease_seconds: float) -> Message | None:
         with self._write() as db:
             row = db.execute(
-                "SELECT request_id FROM messages WHERE state = ? AND next_attempt_at <= ? "
-                "ORDER BY next_attempt_at, received_at LIMIT 1",
-                (State.QUEUED, now),
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute(
                 "UPDATE messages SET state = ?, lease_owner = ?, lease_expires_at = ?, "
-                "updated_at = ? WHERE request_id = ?",
-                (State.PROCESSING, owner, now + lease_seconds, now, row["request_id"]),
-            )
-            leased = db.execute("SELECT * FROM messages WHERE request_id = ?", (row["request_id"],))
-            return self._message(leased.fetchone())
+                "updated_at = ? WHERE request_id = ("
+                "SELECT request_id FROM messages WHERE state = ? AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, received_at LIMIT 1) RETURNING *",
+                (State.PROCESSING, owner, now + lease_seconds, now, State.QUEUED, now),
+            ).fetchone()
+            return None if row is None else self._message(row)
 
     def renew(self, request_id: str, owner: str, now: float, lease_seconds: float) -> None:
         with self._write() as db:
@@ -299,23 +348,34 @@ class SqliteQueue:
                 (State.QUEUED, next_attempt_at, reason, failed_activity, now, request_id),
             )
 
-    def expire_leases(self, now: float) -> int:
-        with self._write() as db:
-            cursor = db.execute(
-                "UPDATE messages SET state = ?, lease_owner = NULL, lease_expires_at = NULL, "
-                "updated_at = ? WHERE state = ? AND lease_expires_at < ?",
-                (State.QUEUED, now, State.PROCESSING, now),
-            )
-            return cursor.rowcount
+    def expire_leases(self, now: float) -> list[Message]:
+        return self._take_back("lease_expires_at < ?", (now,), now)
 
-    def recover(self) -> int:
+    def recover(self, node: str, now: float) -> list[Message]:
+        prefix = f"{node}/"
+        return self._take_back("substr(lease_owner, 1, ?) = ?", (len(prefix), prefix), now)
+
+    def _take_back(self, where: str, parameters: tuple[Any, ...], now: float) -> list[Message]:
+        """Leases whose worker is gone: queued again, or dead at the last allowed expiry."""
         with self._write() as db:
-            cursor = db.execute(
-                "UPDATE messages SET state = ?, lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE state = ?",
-                (State.QUEUED, State.PROCESSING),
-            )
-            return cursor.rowcount
+            rows = db.execute(
+                "UPDATE messages SET lease_expiries = lease_expiries + 1, "
+                "state = CASE WHEN lease_expiries + 1 >= ? THEN ? ELSE ? END, "
+                "reason = CASE WHEN lease_expiries + 1 >= ? THEN ? ELSE reason END, "
+                "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? "
+                f"WHERE state = ? AND {where} RETURNING *",
+                (
+                    MAX_LEASE_EXPIRIES,
+                    State.DEAD,
+                    State.QUEUED,
+                    MAX_LEASE_EXPIRIES,
+                    LEASES_EXPIRED_REASON,
+                    now,
+                    State.PROCESSING,
+                    *parameters,
+                ),
+            ).fetchall()
+            return [self._message(row) for row in rows]
 
     # ---------------------------------------------------------------------- operators
     def get(self, request_id: str) -> Message | None:
@@ -336,8 +396,12 @@ class SqliteQueue:
             "SELECT workflow_id, state, COUNT(*) AS n, MIN(received_at) AS oldest "
             "FROM messages GROUP BY workflow_id, state ORDER BY workflow_id"
         )
-        by_workflow: dict[str, dict[State, int]] = {}
-        oldest: dict[str, float | None] = {}
+        duplicates = {
+            row["workflow_id"]: row["count"]
+            for row in self._read("SELECT workflow_id, count FROM duplicates")
+        }
+        by_workflow: dict[str, dict[State, int]] = {w: {} for w in duplicates}
+        oldest: dict[str, float | None] = dict.fromkeys(duplicates)
         for row in rows:
             by_workflow.setdefault(row["workflow_id"], {})[State(row["state"])] = row["n"]
             oldest.setdefault(row["workflow_id"], None)
@@ -346,14 +410,17 @@ class SqliteQueue:
                 oldest[row["workflow_id"]] = (
                     row["oldest"] if current is None else min(current, row["oldest"])
                 )
-        return [WorkflowCounts(w, states, oldest[w]) for w, states in by_workflow.items()]
+        return [
+            WorkflowCounts(w, states, oldest[w], duplicates.get(w, 0))
+            for w, states in sorted(by_workflow.items())
+        ]
 
     def revive(self, request_ids: list[str] | None, workflow_id: str | None, now: float) -> int:
         where, parameters = self._where(State.DEAD, workflow_id, request_ids)
         with self._write() as db:
             cursor = db.execute(
-                f"UPDATE messages SET state = ?, attempts = 0, next_attempt_at = ?, reason = NULL, "
-                f"failed_activity = NULL, updated_at = ? {where}",
+                f"UPDATE messages SET state = ?, attempts = 0, lease_expiries = 0, "
+                f"next_attempt_at = ?, reason = NULL, failed_activity = NULL, updated_at = ? {where}",
                 (State.QUEUED, now, now, *parameters),
             )
             return cursor.rowcount
@@ -390,3 +457,24 @@ class SqliteQueue:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+LEASES_EXPIRED_REASON = (
+    f"its worker stopped or hung {MAX_LEASE_EXPIRIES} times while processing it "
+    "(a step that crashes or never returns?)"
+)
+
+
+def _execute_script(db: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _insert(db: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
+    """Insert one arrival row; False (and counted) when it is a duplicate in its window."""
+    if db.execute(_INSERT_ARRIVAL, row).rowcount:
+        return True
+    workflow_id, received_at = row[1], row[7]
+    db.execute(_COUNT_DUPLICATE, (workflow_id, received_at))
+    return False

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from soupflow import paths, template
-from soupflow.workflow import model
+from soupflow.workflow import model, paths, template
 from soupflow.workflow.jsonpos import pointer_join
 from soupflow.workflow.types import (
     Direction,

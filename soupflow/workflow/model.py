@@ -568,7 +568,10 @@ class MLLPSenderSetting(SenderSetting):
         False, description="With WaitForResponse: an empty reply is an error."
     )
     encoding: Str = Field("utf-8", description="Character encoding of the message.")
-    keep_connection_open: Bool = Field(False, description="Reuse one connection across messages.")
+    keep_connection_open: Bool = Field(
+        False,
+        description="Reuse one connection across messages (closed after 60 s without one).",
+    )
     use_ssl: Bool = Field(
         False, description="TLS; not yet supported by soupflow (validation error)."
     )

@@ -270,6 +270,7 @@ def test_status_and_dead_messages_report_what_happened(tmp_path: Path) -> None:
             "completed": 1,
             "filtered": 0,
             "dead": 1,
+            "duplicates": 0,
         }
         listed = soupflow("dead", "list", "--data", str(data), "--workflows", str(workflows))
         assert (

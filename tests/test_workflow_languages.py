@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from soupflow import paths, template
+from soupflow.workflow import paths, template
 
 
 def test_slash_paths_have_one_based_indexes_and_default_to_the_first_item() -> None:

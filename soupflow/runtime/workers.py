@@ -1,11 +1,15 @@
 """Workers: lease a queued message, make its DICOM message, run its workflow, record the end.
 
-Upstream: runtime. Downstream: store.queue, message.convert, pipeline.run. Workers are
-threads (pynetdicom is thread-based). Each activity that succeeds is recorded before the next
-one starts, so a retry resumes at the failed activity. A transient failure is retried with
-exponential backoff and jitter (the failing activity's `RetryInitialSeconds`,
-`RetryMaxSeconds`, `RetryMaxAttempts`); a permanent one, or the last attempt, makes the
-message dead with its reason. Time is a parameter (`clock`), so tests step it.
+Upstream: runtime.supervisor. Downstream: store.queue, message.convert, pipeline.run. Workers
+are threads; each holds its lease while it works and a renewer thread extends the leases
+held (every third of the lease time), so a long activity (a 1 GB STOW-RS, a slow PACS) keeps
+its message. Lease owners are `node/boot/worker-N` (`store.queue.owner_id`): unique per
+process, so runtimes sharing a queue never finish each other's messages. Each activity that
+succeeds is recorded before the next one starts, so a retry resumes at the failed activity.
+A transient failure is retried with exponential backoff and jitter (`RetryPolicy`, from the
+failing activity's `RetryInitialSeconds`, `RetryMaxSeconds`, `RetryMaxAttempts`); a
+permanent one, or the last attempt, makes the message dead with its reason. Time is a
+parameter (`clock`), so tests step it.
 """
 
 from __future__ import annotations
@@ -15,15 +19,25 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from soupflow.activities.connections import Connections
 from soupflow.message.convert import Options, convert
 from soupflow.pipeline.context import RunContext
 from soupflow.pipeline.errors import ActivityError, TransientError
-from soupflow.pipeline.run import RECEIVER_STEP, Result, run_message
-from soupflow.store.queue import ActivityOutcome, LeaseLostError, Message, Queue, QueueError, State
+from soupflow.pipeline.run import RECEIVER_STEP, Ending, Result, run_message
+from soupflow.store.queue import (
+    ActivityOutcome,
+    LeaseLostError,
+    Message,
+    Queue,
+    QueueError,
+    State,
+    owner_id,
+)
 from soupflow.store.spool import Spool
 from soupflow.workflow import model
 from soupflow.workflow.load import Entry, LoadedWorkflow
@@ -34,7 +48,6 @@ LEASE_SECONDS = 300.0
 _IDLE_SECONDS = 0.2
 _EXPIRE_EVERY_SECONDS = 5.0
 _UNLOADED_RETRY_SECONDS = 30.0
-_DEFAULT_MAX_ATTEMPTS = 10
 
 WorkflowLookup = Callable[[str], LoadedWorkflow | None]
 
@@ -48,6 +61,37 @@ def backoff_seconds(
     return delay / 2 + draw() * delay / 2
 
 
+def _default(name: str) -> int:
+    default = model.SenderSetting.model_fields[name].default
+    assert isinstance(default, int)
+    return default
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how soon a failed activity is tried again (the format's defaults when
+    the failure is not an activity's)."""
+
+    max_attempts: int
+    initial_seconds: float
+    max_seconds: float
+
+    @classmethod
+    def from_setting(cls, sender: model.SenderSetting | None) -> RetryPolicy:
+        if sender is None:
+            return cls(
+                _default("retry_max_attempts"),
+                _default("retry_initial_seconds"),
+                _default("retry_max_seconds"),
+            )
+        return cls(
+            sender.retry_max_attempts, sender.retry_initial_seconds, sender.retry_max_seconds
+        )
+
+    def delay(self, attempt: int, draw: Callable[[], float] = random.random) -> float:
+        return backoff_seconds(attempt, self.initial_seconds, self.max_seconds, draw)
+
+
 class Workers:
     def __init__(
         self,
@@ -57,32 +101,46 @@ class Workers:
         workflows: WorkflowLookup,
         count: int = 2,
         *,
+        owner_prefix: str = "local/0",
         keep_objects: bool = False,
         clock: Callable[[], float] = time.time,
         lease_seconds: float = LEASE_SECONDS,
+        http: httpx.Client | None = None,
     ) -> None:
         self.queue = queue
         self.spool = spool
         self.data_folder = data_folder
         self.workflows = workflows
         self.count = count
+        self.owner_prefix = owner_prefix
         self.keep_objects = keep_objects
         self.clock = clock
         self.lease_seconds = lease_seconds
-        self.http = httpx.Client()
+        self.http = http if http is not None else httpx.Client()
+        self.connections = Connections()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._held: dict[str, str] = {}  # owner -> request id of the message it works on
+        self._held_lock = threading.Lock()
+
+    def owner(self, number: int) -> str:
+        node, _, boot = self.owner_prefix.partition("/")
+        return owner_id(node, boot, number)
 
     def start(self) -> None:
-        for number in range(self.count):
+        for number in range(1, self.count + 1):
             thread = threading.Thread(
                 target=self._loop,
-                args=(f"worker-{number + 1}",),
-                name=f"soupflow-worker-{number + 1}",
+                args=(self.owner(number),),
+                name=f"soupflow-worker-{number}",
                 daemon=True,
             )
             thread.start()
             self._threads.append(thread)
+        if self.count:
+            renewer = threading.Thread(target=self._renew_loop, name="soupflow-leases", daemon=True)
+            renewer.start()
+            self._threads.append(renewer)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the messages in progress (bounded by `timeout`), then stop."""
@@ -91,7 +149,27 @@ class Workers:
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0))
         self._threads.clear()
+        self.connections.close_all()
         self.http.close()
+
+    def renew_leases(self) -> int:
+        """Extend every lease a worker holds now; how many were extended."""
+        with self._held_lock:
+            held = list(self._held.items())
+        renewed = 0
+        for owner, request_id in held:
+            try:
+                self.queue.renew(request_id, owner, self.clock(), self.lease_seconds)
+                renewed += 1
+            except LeaseLostError:
+                log.warning("message %s: its lease was lost before it could be renewed", request_id)
+            except QueueError as exc:
+                log.error("cannot renew the lease of message %s: %s", request_id, exc)
+        return renewed
+
+    def _renew_loop(self) -> None:
+        while not self._stopping.wait(self.lease_seconds / 3):
+            self.renew_leases()
 
     def _loop(self, owner: str) -> None:
         last_expiry = 0.0
@@ -99,17 +177,18 @@ class Workers:
             try:
                 now = self.clock()
                 if now - last_expiry >= _EXPIRE_EVERY_SECONDS:
-                    expired = self.queue.expire_leases(now)
-                    if expired:
-                        log.info("%d message(s) whose worker stopped are queued again", expired)
+                    self._expire(now)
                     last_expiry = now
                 message = self.queue.lease(owner, now, self.lease_seconds)
             except QueueError as exc:
                 log.error("cannot read the queue: %s", exc)
                 message = None
             if message is None:
+                self.connections.close_idle()
                 self._stopping.wait(_IDLE_SECONDS)
                 continue
+            with self._held_lock:
+                self._held[owner] = message.request_id
             try:
                 self.process(message, owner)
             except LeaseLostError:
@@ -123,6 +202,17 @@ class Workers:
                     message.request_id,
                     exc,
                 )
+            finally:
+                with self._held_lock:
+                    self._held.pop(owner, None)
+
+    def _expire(self, now: float) -> None:
+        expired = self.queue.expire_leases(now)
+        if expired:
+            log.info("%d message(s) whose worker stopped are queued again", len(expired))
+        for message in expired:
+            if message.state == State.DEAD:
+                log.error("message %s is dead: %s", message.request_id, message.reason)
 
     def process(self, message: Message, owner: str) -> None:
         """Run one leased message to its outcome."""
@@ -130,13 +220,9 @@ class Workers:
         workflow = self.workflows(arrival.workflow_id)
         if workflow is None or workflow.receiver is None:
             reason = f"workflow {arrival.workflow_id} is not loaded"
+            now = self.clock()
             self.queue.retry(
-                message.request_id,
-                owner,
-                self.clock(),
-                self.clock() + _UNLOADED_RETRY_SECONDS,
-                reason,
-                None,
+                message.request_id, owner, now, now + _UNLOADED_RETRY_SECONDS, reason, None
             )
             log.warning("message %s waits: %s", message.request_id, reason)
             return
@@ -166,10 +252,12 @@ class Workers:
             )
 
         try:
-            result = run_message(context, done, succeeded, self.http)
+            result = run_message(context, done, succeeded, self.http, self.connections)
+        except QueueError:
+            raise
         except Exception as exc:  # a bug must not kill the worker; the message is retried
             result = Result(
-                "failed", TransientError(f"unexpected {type(exc).__name__}"), RECEIVER_STEP
+                Ending.FAILED, TransientError(f"unexpected {type(exc).__name__}"), RECEIVER_STEP
             )
             log.exception("unexpected error running message %s", message.request_id)
         self._finish(message, owner, workflow, result)
@@ -178,7 +266,7 @@ class Workers:
         self, message: Message, owner: str, workflow: LoadedWorkflow, result: Result
     ) -> None:
         request_id, now = message.request_id, self.clock()
-        if result.state in ("completed", "filtered"):
+        if result.state != Ending.FAILED:
             self.queue.finish(request_id, owner, State(result.state), now)
             if not self.keep_objects:
                 self.spool.remove(request_id)
@@ -193,19 +281,17 @@ class Workers:
         activity = result.activity_id or RECEIVER_STEP
         entry = workflow.setting(activity)
         sender = entry.setting if entry and isinstance(entry.setting, model.SenderSetting) else None
+        policy = RetryPolicy.from_setting(sender)
         attempt = message.attempts + 1
-        max_attempts = sender.retry_max_attempts if sender else _DEFAULT_MAX_ATTEMPTS
-        if isinstance(error, TransientError) and attempt < max_attempts:
-            initial = sender.retry_initial_seconds if sender else 2
-            cap = sender.retry_max_seconds if sender else 600
-            delay = backoff_seconds(attempt, initial, cap)
+        if isinstance(error, TransientError) and attempt < policy.max_attempts:
+            delay = policy.delay(attempt)
             self.queue.retry(request_id, owner, now, now + delay, str(error), activity)
             log.warning(
                 "message %s: %s failed (attempt %d of %d): %s; retry in %.0f s",
                 request_id,
                 _name(entry),
                 attempt,
-                max_attempts,
+                policy.max_attempts,
                 error,
                 delay,
             )

@@ -1,4 +1,4 @@
-"""DIMSE command sets for the C-STORE and C-ECHO SCP. Pure. Upstream: association.
+"""DIMSE command sets for C-STORE and C-ECHO, both roles. Pure. Upstream: acceptor, requestor.
 
 A command set is always Implicit VR Little Endian (PS3.7 6.3.1), holds group 0000 only, and
 its elements are few and simple, so it is read and written here directly: no dataset is
@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from soupflow.dicomfile import uid_bytes, uid_text
+from soupflow.dicom.part10 import uid_bytes, uid_text
 
 # Command Field values, PS3.7 Annex E (Table E.1-1).
 C_STORE_RQ = 0x0001
@@ -18,17 +18,14 @@ C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 NO_DATA_SET = 0x0101  # Command Data Set Type: no dataset follows
-
-# C-STORE statuses, PS3.4 Annex B.2.3 (Table B.2-1) and PS3.7 Annex C.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (the sender may retry)
-DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set does not match SOP Class
-CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
+_DATA_SET_PRESENT = 0x0000  # any other value means one follows; 0x0000 is the usual one
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 _AFFECTED_SOP_CLASS_UID = 0x00000002
 _COMMAND_FIELD = 0x00000100
 _MESSAGE_ID = 0x00000110
 _MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
+_PRIORITY = 0x00000700
 _COMMAND_DATA_SET_TYPE = 0x00000800
 _STATUS = 0x00000900
 _AFFECTED_SOP_INSTANCE_UID = 0x00001000
@@ -52,8 +49,17 @@ class Command:
     has_data_set: bool
 
 
-def parse_command(data: bytes) -> Command:
-    """The request in a command set (PS3.7 9.3.1.1 for C-STORE, 9.3.5.1 for C-ECHO)."""
+@dataclass(frozen=True)
+class Response:
+    """The fields of a response that the SCU acts on."""
+
+    command_field: int
+    message_id_being_responded_to: int
+    status: int
+
+
+def _values(data: bytes) -> dict[int, bytes]:
+    """Element number -> value bytes of a group 0000 command set."""
     values: dict[int, bytes] = {}
     offset, end = 0, len(data)
     while offset < end:
@@ -67,6 +73,12 @@ def parse_command(data: bytes) -> Command:
             )
         values[element] = data[offset : offset + length]
         offset += length
+    return values
+
+
+def parse_command(data: bytes) -> Command:
+    """The request in a command set (PS3.7 9.3.1.1 for C-STORE, 9.3.5.1 for C-ECHO)."""
+    values = _values(data)
     try:
         (command_field,) = _US.unpack(values[_COMMAND_FIELD][:2])
         (message_id,) = _US.unpack(values[_MESSAGE_ID][:2])
@@ -102,5 +114,49 @@ def response(request: Command, status: int) -> bytes:
         elements.append(
             _element(_AFFECTED_SOP_INSTANCE_UID, uid_bytes(request.affected_sop_instance_uid))
         )
+    return _command_set(elements)
+
+
+def parse_response(data: bytes) -> Response:
+    """The response in a command set (PS3.7 9.3.1.2 for C-STORE, 9.3.5.2 for C-ECHO)."""
+    values = _values(data)
+    try:
+        (command_field,) = _US.unpack(values[_COMMAND_FIELD][:2])
+        (responded_to,) = _US.unpack(values[_MESSAGE_ID_BEING_RESPONDED_TO][:2])
+        (code,) = _US.unpack(values[_STATUS][:2])
+    except (KeyError, struct.error) as exc:
+        raise CommandError(
+            "the response lacks Command Field, Message ID Being Responded To or Status"
+        ) from exc
+    return Response(command_field, responded_to, code)
+
+
+def _command_set(elements: list[bytes]) -> bytes:
     body = b"".join(elements)
     return _element(0x00000000, _UL.pack(len(body))) + body
+
+
+def store_request(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """A C-STORE-RQ command set, priority medium, a dataset follows (PS3.7 9.3.1.1)."""
+    return _command_set(
+        [
+            _element(_AFFECTED_SOP_CLASS_UID, uid_bytes(sop_class_uid)),
+            _element(_COMMAND_FIELD, _US.pack(C_STORE_RQ)),
+            _element(_MESSAGE_ID, _US.pack(message_id)),
+            _element(_PRIORITY, _US.pack(0)),
+            _element(_COMMAND_DATA_SET_TYPE, _US.pack(_DATA_SET_PRESENT)),
+            _element(_AFFECTED_SOP_INSTANCE_UID, uid_bytes(sop_instance_uid)),
+        ]
+    )
+
+
+def echo_request(message_id: int) -> bytes:
+    """A C-ECHO-RQ command set (PS3.7 9.3.5.1)."""
+    return _command_set(
+        [
+            _element(_AFFECTED_SOP_CLASS_UID, uid_bytes(VERIFICATION_SOP_CLASS)),
+            _element(_COMMAND_FIELD, _US.pack(C_ECHO_RQ)),
+            _element(_MESSAGE_ID, _US.pack(message_id)),
+            _element(_COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
+        ]
+    )

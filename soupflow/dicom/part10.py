@@ -1,7 +1,7 @@
 """Part 10 objects: the header soupflow writes, and reading one back. Pure.
 
-Upstream: association (`file_meta`), listener (`identify`: is a received object usable?),
-message.convert (`read_object`). pydicom is lenient: it stops quietly at bytes it cannot
+Upstream: acceptor (`file_meta`), ingest (`identify`: is a received object usable?),
+requestor (`dataset_offset`: what to send), message.convert (`read_object`). pydicom is lenient: it stops quietly at bytes it cannot
 read. `read_object` adds the check a router needs: the dataset holds elements, and none of
 them claims more bytes than the object has. `identify` runs on every C-STORE before Success,
 so it walks the element headers itself (no dataset is built) and leaves anything unusual to
@@ -107,6 +107,25 @@ def uid_bytes(value: str) -> bytes:
 def uid_text(value: bytes) -> str:
     """A stored UI (or other text) value without its padding."""
     return value.decode("ascii", errors="replace").rstrip("\0 ")
+
+
+def dataset_offset(head: bytes) -> int:
+    """Where the dataset starts in a Part 10 file whose first bytes are `head`: after the
+    preamble, the prefix and the file meta group (explicit VR little endian, PS3.10 7.1)."""
+    if head[128:132] != b"DICM":
+        raise MalformedObjectError("no DICM prefix: not a Part 10 file")
+    offset = 132
+    while head[offset : offset + 2] == b"\x02\x00":
+        vr = head[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            offset += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            offset += 8 + length
+    if offset > len(head):
+        raise MalformedObjectError("the file meta group runs past the file's first bytes")
+    return offset
 
 
 def identify(path: Path) -> tuple[str, str]:

@@ -16,8 +16,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from soupflow import dicomfile
-from soupflow.dicomfile import MalformedObjectError, file_meta, identify, read_object
+from soupflow.dicom import part10 as dicomfile
+from soupflow.dicom.part10 import MalformedObjectError, file_meta, identify, read_object
 
 SHIPPED = sorted(Path(str(get_testdata_file("CT_small.dcm"))).parent.glob("*.dcm"))
 

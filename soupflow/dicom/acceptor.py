@@ -1,14 +1,18 @@
 """One accepted connection: the acceptor's side of the DICOM upper layer, C-ECHO and C-STORE.
 
-Upstream: listener (accepts the connection, decides who may associate, makes a received
-object durable). Downstream: upperlayer (PDUs), dimse (command sets), dicomfile (file meta).
+Upstream: a receiver (accepts the connection and is the `Handler`: decides who may associate,
+makes a received object durable). Downstream: pdu (framing), negotiation (A-ASSOCIATE),
+dimse (command sets), part10 (file meta), status.
+
+State is kept the way aiosmtpd keeps it: a `Session` per association (the peer and its AE
+titles) apart from the `ReceivedObject` of each C-STORE; the handler gets both.
 
 Each association runs in its own thread with blocking reads; the association timeout is
 the socket timeout, so it bounds the wait for the A-ASSOCIATE-RQ (ARTIM), for every read
 inside a PDU, and for an idle peer. Dataset fragments are written to a file in the
 incoming folder as they arrive: memory stays bounded whatever the instance or PDU size,
-and nothing is decoded on the way. Only when the last fragment is in does the listener's
-`store` decide the status; the response goes out after it returns.
+and nothing is decoded on the way. Only when the last fragment is in does the handler's
+`on_c_store` decide the status; the response goes out after it returns.
 """
 
 from __future__ import annotations
@@ -18,15 +22,14 @@ import logging
 import socket
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from soupflow import dimse, upperlayer
-from soupflow.dicomfile import file_meta
-from soupflow.store.queue import Origin
-from soupflow.upperlayer import AcceptedContext, ProtocolError, Request
+from soupflow.dicom import dimse, negotiation, pdu, status
+from soupflow.dicom.negotiation import AcceptedContext, Rejection, Request
+from soupflow.dicom.part10 import file_meta
+from soupflow.dicom.pdu import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +45,39 @@ _MAX_COMMAND_BYTES = 64 * 1024  # a C-STORE-RQ command set is a few hundred byte
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
+@dataclass(frozen=True, eq=False)  # one per association: compared by identity
+class Session:
+    """Who is on the other end of one association."""
+
+    peer_address: str
+    peer_port: int
+    calling_aet: str
+    called_aet: str
+
+
 @dataclass(frozen=True, kw_only=True)
-class Received(Origin):
+class ReceivedObject:
     """A dataset received in full, in a Part 10 file under the incoming folder."""
 
     path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
 
 
-# What the listener decides: an A-ASSOCIATE-RJ for a request (or None to accept), and the
-# C-STORE status for a received dataset (the callee owns, and removes, the file).
-Decide = Callable[["Association", Request], tuple[int, int, int] | None]
-Store = Callable[[Received], int]
+class Handler(Protocol):
+    """What a receiver decides for its associations (pynetdicom's intervention events)."""
+
+    def on_associate(self, session: Session, request: Request) -> Rejection | None:
+        """The A-ASSOCIATE-RJ to answer, or None to accept."""
+        ...
+
+    def on_c_store(self, session: Session, received: ReceivedObject) -> int:
+        """The C-STORE status to answer; the handler owns (and removes) `received.path`."""
+        ...
+
+    def on_release(self, session: Session) -> None:
+        """The association ended (released, aborted or lost), after `on_associate` accepted it."""
 
 
 class _Dataset:
@@ -121,15 +146,14 @@ class Association:
         incoming: Path,
         our_max_pdu: int,
         timeout_seconds: float,
-        decide: Decide,
-        store: Store,
+        handler: Handler,
     ) -> None:
         self.connection = connection
         self.peer_address, self.peer_port = connection.getpeername()[:2]
         self.incoming = incoming
         self.our_max_pdu = our_max_pdu
-        self.decide = decide
-        self.store = store
+        self.handler = handler
+        self.session: Session | None = None
         self.request: Request | None = None
         self._contexts: dict[int, AcceptedContext] = {}
         self._command = bytearray()
@@ -158,7 +182,7 @@ class Association:
                 self.calling_aet,
                 exc,
             )
-            self._send(upperlayer.abort(exc.reason))
+            self._send(pdu.abort(exc.reason))
         except TimeoutError:
             log.warning(
                 "aborted association from %s:%s calling %r: the peer sent nothing within the timeout",
@@ -166,7 +190,7 @@ class Association:
                 self.peer_port,
                 self.calling_aet,
             )
-            self._send(upperlayer.abort(upperlayer.REASON_NOT_SPECIFIED))
+            self._send(pdu.abort(pdu.REASON_NOT_SPECIFIED))
         except (ConnectionError, EOFError, OSError) as exc:
             if not self._closed.is_set():
                 log.warning(
@@ -180,10 +204,12 @@ class Association:
             if self._dataset is not None:
                 self._dataset.discard()
             self.close()
+            if self.session is not None:
+                self.handler.on_release(self.session)
 
     def abort(self) -> None:
         """From another thread: send an A-ABORT and end the association."""
-        self._send(upperlayer.abort(upperlayer.REASON_NOT_SPECIFIED))
+        self._send(pdu.abort(pdu.REASON_NOT_SPECIFIED))
         self.close()
 
     def close(self) -> None:
@@ -197,23 +223,27 @@ class Association:
     # ----------------------------------------------------------------- establishment
     def _associate(self) -> bool:
         pdu_type, length = self._pdu_header()
-        if pdu_type != upperlayer.A_ASSOCIATE_RQ_PDU:
+        if pdu_type != pdu.A_ASSOCIATE_RQ_PDU:
             raise ProtocolError(
                 f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
-                upperlayer.REASON_UNEXPECTED_PDU,
+                pdu.REASON_UNEXPECTED_PDU,
             )
-        if length > upperlayer.MAX_CONTROL_PDU_BYTES:
+        if length > pdu.MAX_CONTROL_PDU_BYTES:
             raise ProtocolError(f"an A-ASSOCIATE-RQ of {length} bytes")
         body = self._read(length)
-        self.request = request = upperlayer.decode_request(
-            upperlayer.PDU_HEADER.pack(pdu_type, length) + body
+        self.request = request = negotiation.decode_request(
+            pdu.PDU_HEADER.pack(pdu_type, length) + body
         )
-        rejection = request.rejection() or self.decide(self, request)
+        session = Session(
+            self.peer_address, self.peer_port, request.calling_aet, request.called_aet
+        )
+        rejection = request.rejection() or self.handler.on_associate(session, request)
         if rejection is not None:
-            self._send(upperlayer.reject(*rejection))
+            self._send(negotiation.reject(rejection))
             self._await_close()
             return False
-        self._contexts, accept = upperlayer.accept(request, self.our_max_pdu)
+        self.session = session
+        self._contexts, accept = negotiation.accept(request, self.our_max_pdu)
         self._send(accept)
         return True
 
@@ -221,14 +251,14 @@ class Association:
     def _data_phase(self) -> None:
         while True:
             pdu_type, length = self._pdu_header()
-            if pdu_type == upperlayer.P_DATA_TF_PDU:
+            if pdu_type == pdu.P_DATA_TF_PDU:
                 self._p_data(length)
-            elif pdu_type == upperlayer.A_RELEASE_RQ_PDU:
+            elif pdu_type == pdu.A_RELEASE_RQ_PDU:
                 self._read(length)
-                self._send(upperlayer.release_response())
+                self._send(pdu.release_response())
                 self._await_close()
                 return
-            elif pdu_type == upperlayer.A_ABORT_PDU:
+            elif pdu_type == pdu.A_ABORT_PDU:
                 log.info(
                     "association from %s:%s calling %r aborted by the peer",
                     self.peer_address,
@@ -239,11 +269,11 @@ class Association:
             else:
                 raise ProtocolError(
                     f"unexpected PDU type 0x{pdu_type:02X} during data transfer",
-                    upperlayer.REASON_UNEXPECTED_PDU,
+                    pdu.REASON_UNEXPECTED_PDU,
                 )
 
     def _p_data(self, length: int) -> None:
-        header = upperlayer.PDV_HEADER
+        header = pdu.PDV_HEADER
         remaining = length
         while remaining:
             if remaining < header.size:
@@ -256,7 +286,7 @@ class Association:
             context = self._contexts.get(context_id)
             if context is None:
                 raise ProtocolError(f"a PDV on presentation context {context_id}, not accepted")
-            if control & upperlayer.COMMAND_FRAGMENT:
+            if control & pdu.COMMAND_FRAGMENT:
                 self._command_fragment(context_id, context, value_length, control)
             else:
                 self._dataset_fragment(context, value_length, control)
@@ -269,7 +299,7 @@ class Association:
         if len(self._command) + length > _MAX_COMMAND_BYTES:
             raise ProtocolError("a command set over 64 KiB")
         self._command += self._read(length)
-        if not control & upperlayer.LAST_FRAGMENT:
+        if not control & pdu.LAST_FRAGMENT:
             return
         try:
             command = dimse.parse_command(bytes(self._command))
@@ -277,7 +307,7 @@ class Association:
             raise ProtocolError(str(exc)) from exc
         self._command.clear()
         if command.command_field == dimse.C_ECHO_RQ and not command.has_data_set:
-            self._respond(context_id, command, dimse.SUCCESS)
+            self._respond(context_id, command, status.SUCCESS)
         elif command.command_field == dimse.C_STORE_RQ and command.has_data_set:
             self._reply_to = context_id
             path = self.incoming / f"{uuid.uuid4()}.part"
@@ -295,7 +325,7 @@ class Association:
             chunk = self._read(min(length, _COPY_CHUNK))
             dataset.write(chunk)
             length -= len(chunk)
-        if control & upperlayer.LAST_FRAGMENT:
+        if control & pdu.LAST_FRAGMENT:
             self._dataset = None
             self._respond(self._reply_to, dataset.command, self._stored(dataset))
 
@@ -309,25 +339,22 @@ class Association:
                 self.calling_aet,
                 failure.strerror or type(failure).__name__,
             )
-            return dimse.OUT_OF_RESOURCES
-        assert self.request is not None
-        return self.store(
-            Received(
+            return status.OUT_OF_RESOURCES
+        assert self.session is not None
+        return self.handler.on_c_store(
+            self.session,
+            ReceivedObject(
                 path=dataset.path,
                 sop_class_uid=command.affected_sop_class_uid,
                 sop_instance_uid=command.affected_sop_instance_uid,
                 transfer_syntax_uid=dataset.context.transfer_syntax,
-                calling_aet=self.request.calling_aet,
-                called_aet=self.request.called_aet,
-                peer_address=self.peer_address,
-                peer_port=self.peer_port,
-            )
+            ),
         )
 
-    def _respond(self, context_id: int, command: dimse.Command, status: int) -> None:
+    def _respond(self, context_id: int, command: dimse.Command, code: int) -> None:
         assert self.request is not None
-        response = dimse.response(command, status)
-        self._send(upperlayer.command_pdus(context_id, response, self.request.peer_max_pdu))
+        response = dimse.response(command, code)
+        self._send(pdu.p_data(context_id, response, self.request.peer_max_pdu, command=True))
 
     # ----------------------------------------------------------------- transport
     def _await_close(self) -> None:
@@ -341,10 +368,10 @@ class Association:
     def _pdu_header(self) -> tuple[int, int]:
         if _QUICKACK is not None:  # re-armed per PDU: Linux drops back to delayed ACKs
             self.connection.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        pdu_type, length = upperlayer.PDU_HEADER.unpack(self._read(upperlayer.PDU_HEADER.size))
-        if pdu_type not in upperlayer.KNOWN_PDU_TYPES:
+        pdu_type, length = pdu.PDU_HEADER.unpack(self._read(pdu.PDU_HEADER.size))
+        if pdu_type not in pdu.KNOWN_PDU_TYPES:
             raise ProtocolError(
-                f"unrecognized PDU type 0x{pdu_type:02X}", upperlayer.REASON_UNRECOGNIZED_PDU
+                f"unrecognized PDU type 0x{pdu_type:02X}", pdu.REASON_UNRECOGNIZED_PDU
             )
         return int(pdu_type), int(length)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from soupflow.paths import Hl7Path
+from soupflow.workflow.paths import Hl7Path
 
 _SEGMENT_BREAK = re.compile(r"\r\n|\r|\n")
 

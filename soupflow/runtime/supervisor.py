@@ -1,4 +1,4 @@
-"""The running product: workflows folder -> listeners -> spool + queue -> workers.
+"""The running product: workflows folder -> receivers -> ingest (spool + queue) -> workers.
 
 Upstream: cli (`run`). Loads the folder, starts one listener per valid, enabled workflow and
 the workers, and from then on reloads whenever the folder changes (`reload`, driven by
@@ -11,38 +11,34 @@ a workflow that was deleted still complete with its last version.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+import socket
 import sys
 import threading
-from dataclasses import asdict, dataclass
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from soupflow import reconcile
-from soupflow.listener import Ingest, Listener, ListenerError, parse_allow_list
+from soupflow.ingest import Ingest
+from soupflow.receivers import RECEIVERS
+from soupflow.receivers.base import Receiver, ReceiverError
+from soupflow.receivers.dicom import parse_allow_list
+from soupflow.runtime import listeners_file, reconcile
+from soupflow.runtime.listeners_file import ListenerRow, ListenerState
+from soupflow.runtime.workers import Workers
+from soupflow.store import open_queue
+from soupflow.store.queue import Queue, State
 from soupflow.store.spool import Spool
-from soupflow.store.sqlite import SqliteQueue
-from soupflow.worker import Workers
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 
 log = logging.getLogger(__name__)
 
-LISTENERS_FILE = "listeners.json"
 
-
-@dataclass(frozen=True)
-class ListenerRow:
-    """One line of the listener table."""
-
-    workflow: str
-    workflow_id: str
-    file: str
-    port: int
-    our_aet: str
-    who_may_call: str
-    state: str  # listening | disabled | failed | invalid | refused
-    detail: str = ""
+def node_name() -> str:
+    """This machine's name in lease owners (`SOUPFLOW_NODE`, else the host name)."""
+    return os.environ.get("SOUPFLOW_NODE") or socket.gethostname() or "node"
 
 
 def who_may_call(allow_list: str) -> str:
@@ -55,8 +51,8 @@ def who_may_call(allow_list: str) -> str:
 @dataclass
 class _Workflow:
     loaded: LoadedWorkflow
-    listener: Listener | None
-    state: str
+    listener: Receiver | None
+    state: ListenerState
     detail: str = ""
 
 
@@ -72,7 +68,9 @@ class Runtime:
         self.known: dict[str, LoadedWorkflow] = {}
         self.running: dict[str, _Workflow] = {}
         self.problems: list[ListenerRow] = []
-        self.queue: SqliteQueue | None = None
+        self.node = node_name()
+        self.boot = uuid.uuid4().hex[:12]  # this process, in lease owners
+        self.queue: Queue | None = None
         self.workers: Workers | None = None
         self._ingest: Ingest | None = None
         self._digests: dict[Path, str] = {}
@@ -90,10 +88,17 @@ class Runtime:
         sys.path.insert(
             0, str(self.workflows_folder.resolve())
         )  # where PythonCallable modules may live
-        self.queue = SqliteQueue(self.data)
-        recovered = self.queue.recover()
+        self.queue = open_queue(self.data)
+        recovered = self.queue.recover(self.node, time.time())
         if recovered:
-            log.info("%d message(s) left processing by the last run are queued again", recovered)
+            log.info(
+                "%d message(s) left processing by the last run on %s are queued again",
+                len(recovered),
+                self.node,
+            )
+        for message in recovered:
+            if message.state == State.DEAD:
+                log.error("message %s is dead: %s", message.request_id, message.reason)
         self._ingest = Ingest(spool, self.queue)
         self.reload()
         self.workers = Workers(
@@ -102,6 +107,7 @@ class Runtime:
             self.data,
             self.known.get,
             self.worker_count,
+            owner_prefix=f"{self.node}/{self.boot}",
             keep_objects=self.keep_objects,
         )
         self.workers.start()
@@ -132,7 +138,7 @@ class Runtime:
             plan = reconcile.plan(running, scanned, unchanged)
             self._apply(plan, unchanged)
             self._digests = digests
-            self._write_listeners_file()
+            listeners_file.write(self.data, self.rows)
 
     def _apply(self, plan: reconcile.Plan, unchanged: set[Path]) -> None:
         for workflow_id in plan.stop:
@@ -151,9 +157,9 @@ class Runtime:
             if entry.listener is not None and loaded.receiver is not None:
                 if loaded.receiver.disabled:
                     self._stop_listener(entry)
-                    entry.listener, entry.state = None, "disabled"
+                    entry.listener, entry.state = None, ListenerState.DISABLED
                 else:
-                    entry.listener.update_policy(loaded.receiver)
+                    entry.listener.update(loaded.receiver)
             entry.loaded = loaded
             self.known[loaded.workflow_id or ""] = loaded
             log.info(
@@ -166,7 +172,7 @@ class Runtime:
         self.problems = []
         for loaded, reason in plan.refused:
             log.error("workflow file %s refused: %s", loaded.path, reason)
-            self.problems.append(self._problem(loaded, "refused", reason))
+            self.problems.append(self._problem(loaded, ListenerState.REFUSED, reason))
         for loaded, kept in plan.invalid:
             if loaded.path not in unchanged:
                 for issue in loaded.issues:
@@ -177,26 +183,28 @@ class Runtime:
                         loaded.path,
                     )
             if not kept:
-                self.problems.append(self._problem(loaded, "invalid", "see the errors above"))
+                self.problems.append(
+                    self._problem(loaded, ListenerState.INVALID, "see the errors above")
+                )
 
     def _start(self, loaded: LoadedWorkflow, event: str) -> None:
         receiver, workflow_id = loaded.receiver, loaded.workflow_id or ""
         assert receiver is not None and self._ingest is not None
         self.known[workflow_id] = loaded
         if receiver.disabled:
-            self.running[workflow_id] = _Workflow(loaded, None, "disabled")
+            self.running[workflow_id] = _Workflow(loaded, None, ListenerState.DISABLED)
             log.info(
                 "workflow %s (%s) %s: disabled, not listening", loaded.name, loaded.path, event
             )
             return
-        listener = Listener(workflow_id, receiver, self.host, self._ingest)
+        listener = RECEIVERS[type(receiver)](workflow_id, receiver, self.host, self._ingest)
         try:
             listener.start()
-        except ListenerError as exc:
+        except ReceiverError as exc:
             log.error("workflow %s (%s): %s", loaded.name, loaded.path, exc)
-            self.running[workflow_id] = _Workflow(loaded, None, "failed", str(exc))
+            self.running[workflow_id] = _Workflow(loaded, None, ListenerState.FAILED, str(exc))
             return
-        self.running[workflow_id] = _Workflow(loaded, listener, "listening")
+        self.running[workflow_id] = _Workflow(loaded, listener, ListenerState.LISTENING)
         log.info("workflow %s (%s) %s", loaded.name, loaded.path, event)
 
     @staticmethod
@@ -222,7 +230,7 @@ class Runtime:
         )
 
     @staticmethod
-    def _problem(loaded: LoadedWorkflow, state: str, detail: str) -> ListenerRow:
+    def _problem(loaded: LoadedWorkflow, state: ListenerState, detail: str) -> ListenerRow:
         receiver = loaded.receiver
         return ListenerRow(
             loaded.name,
@@ -234,15 +242,6 @@ class Runtime:
             state,
             detail,
         )
-
-    def _write_listeners_file(self) -> None:
-        path = self.data / LISTENERS_FILE
-        text = json.dumps([asdict(row) for row in self.rows], indent=2) + "\n"
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            return  # the folder is rescanned every second: only real changes are written
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting, let in-flight stores finish, let workers finish their messages."""
@@ -257,7 +256,7 @@ class Runtime:
             if self.queue is not None:
                 self.queue.close()
                 self.queue = None
-            (self.data / LISTENERS_FILE).unlink(missing_ok=True)
+            listeners_file.remove(self.data)
 
 
 def _digest(path: Path) -> str:

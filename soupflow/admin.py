@@ -1,35 +1,28 @@
 """What operators ask of a data folder: status and dead messages. Upstream: cli. No printing.
 
-`status` combines the running runtime's `listeners.json` (absent when it is not running) with
-the queue's counts; `dead` lists, shows, retries and purges dead messages. Every value here
-is routing-safe (ids, AE titles, counts, reasons written by soupflow), never PHI.
+`status` combines the running runtime's `listeners.json` (absent when it is not running)
+with the queue's counts, and names the workflows from the workflows folder when no runtime
+runs; `dead` lists, shows, retries and purges dead messages. Every value here is
+routing-safe (ids, AE titles, counts, reasons written by soupflow), never PHI. Nothing here
+imports the runtime: `status` beside a busy runtime loads no receiver or network client.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from soupflow.runtime import LISTENERS_FILE
-from soupflow.store.queue import ActivityOutcome, Message, State
+from soupflow.runtime import listeners_file
+from soupflow.store import NoDataError, open_queue
+from soupflow.store.queue import ActivityOutcome, Message, State, WorkflowCounts
 from soupflow.store.spool import Spool
-from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 from soupflow.workflow.load import LoadedWorkflow, load_paths
 
+__all__ = ["NoDataError", "dead_messages", "purge_dead", "retry_dead", "status", "status_json"]
 
-class NoDataError(Exception):
-    """The data folder has no queue: nothing was ever received there."""
-
-
-def open_queue(data: Path) -> SqliteQueue:
-    if not (data / DATABASE_FILE).is_file():
-        raise NoDataError(
-            f"no queue in {data}: start `soupflow run --data {data}` first, or pass --data"
-        )
-    return SqliteQueue(data)
+NOT_RUNNING = "not running"
 
 
 @dataclass(frozen=True)
@@ -37,18 +30,17 @@ class WorkflowStatus:
     workflow_id: str
     workflow: str
     port: int | None
-    state: str  # listening | disabled | failed | invalid | refused | not running
-    counts: dict[str, int]
+    state: str  # a ListenerState, or NOT_RUNNING
+    counts: dict[str, int]  # by queue state, and "duplicates"
     oldest_pending_seconds: float | None
 
 
-def status(data: Path, now: float | None = None) -> list[WorkflowStatus]:
+def status(
+    data: Path, workflows: Path | None = None, now: float | None = None
+) -> list[WorkflowStatus]:
     moment = time.time() if now is None else now
-    listeners_path = data / LISTENERS_FILE
-    rows: list[dict[str, Any]] = (
-        json.loads(listeners_path.read_text(encoding="utf-8")) if listeners_path.is_file() else []
-    )
-    queue = open_queue(data)
+    rows = listeners_file.read(data)
+    queue = open_queue(data, create=False)
     try:
         counts = {entry.workflow_id: entry for entry in queue.counts()}
     finally:
@@ -56,28 +48,44 @@ def status(data: Path, now: float | None = None) -> list[WorkflowStatus]:
     found: list[WorkflowStatus] = []
     seen: set[str] = set()
     for row in rows:
-        workflow_id = row["workflow_id"]
-        seen.add(workflow_id)
+        seen.add(row.workflow_id)
         found.append(
             _status(
-                workflow_id,
-                row["workflow"],
-                row["port"] or None,
-                row["state"],
-                counts.get(workflow_id),
+                row.workflow_id,
+                row.workflow,
+                row.port or None,
+                row.state,
+                counts.get(row.workflow_id),
                 moment,
             )
         )
+    names = _workflow_names(workflows) if any(w not in seen for w in counts) else {}
     for workflow_id, entry in counts.items():
         if workflow_id not in seen:
-            found.append(_status(workflow_id, "", None, "not running", entry, moment))
+            name = names.get(workflow_id, "")
+            found.append(_status(workflow_id, name, None, NOT_RUNNING, entry, moment))
     return found
 
 
+def _workflow_names(workflows: Path | None) -> dict[str, str]:
+    """WorkflowId -> name, from the files of the workflows folder (valid or not)."""
+    if workflows is None or not workflows.is_dir():
+        return {}
+    return {
+        loaded.workflow_id: loaded.name for loaded in load_paths([workflows]) if loaded.workflow_id
+    }
+
+
 def _status(
-    workflow_id: str, name: str, port: int | None, state: str, entry: Any, now: float
+    workflow_id: str,
+    name: str,
+    port: int | None,
+    state: str,
+    entry: WorkflowCounts | None,
+    now: float,
 ) -> WorkflowStatus:
     by_state = {s.value: (entry.by_state.get(s, 0) if entry else 0) for s in State}
+    by_state["duplicates"] = entry.duplicates if entry else 0
     oldest = entry.oldest_pending_received_at if entry else None
     return WorkflowStatus(
         workflow_id, name, port, state, by_state, None if oldest is None else max(now - oldest, 0.0)
@@ -122,7 +130,7 @@ def dead_messages(
     workflows: Path | None = None,
 ) -> list[DeadMessage]:
     names = _names(workflows)
-    queue = open_queue(data)
+    queue = open_queue(data, create=False)
     try:
         messages = [
             m
@@ -143,7 +151,7 @@ def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, st
         message.request_id,
         message.arrival.workflow_id,
         message.arrival.sop_instance_uid,
-        message.arrival.calling_aet,
+        message.arrival.origin.calling_aet,
         names.get(activity, activity),
         message.attempts,
         message.reason or "",
@@ -153,7 +161,7 @@ def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, st
 
 
 def retry_dead(data: Path, request_ids: list[str] | None, workflow_id: str | None) -> int:
-    queue = open_queue(data)
+    queue = open_queue(data, create=False)
     try:
         return queue.revive(request_ids, workflow_id, time.time())
     finally:
@@ -161,7 +169,7 @@ def retry_dead(data: Path, request_ids: list[str] | None, workflow_id: str | Non
 
 
 def purge_dead(data: Path, request_ids: list[str] | None, workflow_id: str | None) -> int:
-    queue = open_queue(data)
+    queue = open_queue(data, create=False)
     spool = Spool(data)
     try:
         purged = queue.purge(request_ids, workflow_id)

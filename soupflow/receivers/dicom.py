@@ -1,16 +1,18 @@
-"""C-STORE listener: accept, spool, enqueue, answer. Upstream: runtime. Downstream: store.
+"""DICOM receiver (`DicomReceiverSetting`): a C-STORE listener. Upstream: runtime.
+Downstream: dicom.acceptor (the protocol), ingest (what Success means).
 
-One listening socket per workflow port; each accepted connection is an `Association` in
-its own thread. Association policy (the calling-AE allow-list with the format's semantics,
-`EnforceOurAET`, `MaxAssociations`, timeouts) is applied at A-ASSOCIATE. A C-STORE is
-answered Success only after the object's bytes are fsynced in the spool and its queue
-entry is committed; every failure maps to a named status and the store path never raises.
+One listening socket per workflow port; each accepted connection is a `dicom.acceptor`
+association in its own thread, and this listener is its `Handler`. Association policy (the
+calling-AE allow-list with the format's semantics, `EnforceOurAET`, `MaxAssociations`,
+timeouts) is applied at A-ASSOCIATE; each received object goes to `ingest`, which answers
+Success only after the object's bytes are fsynced in the spool and its queue entry is
+committed.
 
-Why not pynetdicom's AE here (it is soupflow's SCU, and the tests' peer): its acceptor
-polls two reactor loops that each sleep 1 ms per idle pass and decodes every PDU through
-generic machinery, which capped soupflow's ingest at a third of dcmtk's (BENCHMARKS.md).
-The acceptor in `association` reuses pynetdicom's A-ASSOCIATE PDU codec and context
-negotiation and frames the data phase itself.
+Why not pynetdicom's AE here (the tests use it as a peer): its acceptor polls two reactor
+loops that each sleep 1 ms per idle pass and decodes every PDU through generic machinery,
+which capped soupflow's ingest at a third of dcmtk's (BENCHMARKS.md). `dicom.acceptor`
+reuses pynetdicom's A-ASSOCIATE PDU codec and context negotiation and frames the data phase
+itself.
 """
 
 from __future__ import annotations
@@ -20,44 +22,29 @@ import selectors
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from soupflow.association import Association, Received
-from soupflow.dicomfile import MalformedObjectError, identify
-from soupflow.dimse import (
-    CANNOT_UNDERSTAND,
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-    OUT_OF_RESOURCES,
-    SUCCESS,
+from soupflow.dicom import status
+from soupflow.dicom.acceptor import Association, ReceivedObject, Session
+from soupflow.dicom.negotiation import (
+    CALLED_AE_NOT_RECOGNIZED,
+    CALLING_AE_NOT_RECOGNIZED,
+    LOCAL_LIMIT_EXCEEDED,
+    Rejection,
+    Request,
 )
-from soupflow.store.queue import Arrival, Queue, QueueError
-from soupflow.store.spool import Spool, SpoolError
-from soupflow.upperlayer import REJECT_LOCAL_LIMIT, Request
+from soupflow.ingest import Ingest
+from soupflow.receivers.base import ReceiverError
+from soupflow.store.queue import Origin
 from soupflow.workflow.model import DicomReceiverSetting
 
 log = logging.getLogger(__name__)
-
-
-# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
-REJECT_CALLING_AE = (
-    0x01,
-    0x01,
-    0x03,
-)  # rejected-permanent, service-user, calling AE not recognized
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognized
 
 _ABORT_WAIT_SECONDS = 5.0
 # Connections served at once, per allowed association: the others are still negotiating,
 # or are over the limit and about to hear A-ASSOCIATE-RJ.
 _CONNECTIONS_PER_ASSOCIATION = 2
 _ACCEPT_RETRY_SECONDS = 0.1
-
-
-class ListenerError(Exception):
-    """A listener could not start (port in use, not permitted, bad address)."""
 
 
 def parse_allow_list(allow_list: str) -> frozenset[str] | None:
@@ -83,94 +70,29 @@ class Policy:
             enforce_our_aet=receiver.enforce_our_aet,
         )
 
-    def rejection(self, calling_aet: str, called_aet: str) -> tuple[int, int, int] | None:
+    def rejection(self, calling_aet: str, called_aet: str) -> Rejection | None:
         """The A-ASSOCIATE-RJ to send, or None to go on with the association."""
         allowed = self.allowed_calling_aets
         if allowed is not None and calling_aet.strip().upper() not in allowed:
-            return REJECT_CALLING_AE
+            return CALLING_AE_NOT_RECOGNIZED
         if self.enforce_our_aet and called_aet.strip() != self.our_aet:
-            return REJECT_CALLED_AE
+            return CALLED_AE_NOT_RECOGNIZED
         return None
 
 
-def _check_object(path: Path, sop_class_uid: str, sop_instance_uid: str) -> int | None:
-    """A failure status when the received object is unusable, else None (headers only)."""
-    try:
-        found_class, found_instance = identify(path)
-    except (MalformedObjectError, ValueError, TypeError, KeyError, AttributeError):
-        return CANNOT_UNDERSTAND
-    if found_class != sop_class_uid or found_instance != sop_instance_uid:
-        return DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-    return None
-
-
-class Ingest:
-    """Make a received object durable (spool + queue) and say what to answer."""
-
-    def __init__(self, spool: Spool, queue: Queue, clock: Callable[[], float] = time.time) -> None:
-        self.spool = spool
-        self.queue = queue
-        self.clock = clock
-
-    def store(self, workflow_id: str, received: Received) -> int:
-        """The status to answer; the received file is moved into the spool or removed."""
-        try:
-            return self._store(workflow_id, received)
-        finally:
-            received.path.unlink(missing_ok=True)
-
-    def _store(self, workflow_id: str, received: Received) -> int:
-        sop_instance_uid = received.sop_instance_uid
-        problem = _check_object(received.path, received.sop_class_uid, sop_instance_uid)
-        if problem is not None:
-            log.warning(
-                "refused SOPInstanceUID %s from %r: status 0x%04X",
-                sop_instance_uid,
-                received.calling_aet,
-                problem,
-            )
-            return problem
-        request_id = str(uuid.uuid4())
-        try:
-            byte_count = self.spool.commit(received.path, request_id)
-        except SpoolError as exc:
-            log.error(
-                "cannot spool SOPInstanceUID %s (RequestId %s): %s; answered 0xA700",
-                sop_instance_uid,
-                request_id,
-                exc.strerror,
-            )
-            return OUT_OF_RESOURCES
-        arrival = Arrival(
-            request_id=request_id,
-            workflow_id=workflow_id,
-            object_path=self.spool.relative(request_id),
-            byte_count=byte_count,
-            received_at=self.clock(),
-            **received.origin(),
-        )
-        try:
-            self.queue.enqueue(arrival)
-        except QueueError as exc:
-            self.spool.remove(request_id)
-            log.error(
-                "cannot queue SOPInstanceUID %s (RequestId %s): %s; answered 0xA700",
-                sop_instance_uid,
-                request_id,
-                exc,
-            )
-            return OUT_OF_RESOURCES
-        log.info(
-            "stored SOPInstanceUID %s as RequestId %s (%d bytes)",
-            sop_instance_uid,
-            request_id,
-            byte_count,
-        )
-        return SUCCESS
-
-
 class Listener:
-    """One workflow's C-STORE SCP on its port."""
+    """One workflow's C-STORE SCP on its port; the `Handler` of its associations."""
+
+    @staticmethod
+    def restart_key(receiver: DicomReceiverSetting) -> tuple[object, ...]:
+        """Fields a running listener cannot take without restarting."""
+        return (
+            receiver.port,
+            receiver.our_aet.strip(),
+            receiver.association_timeout_seconds,
+            receiver.max_associations,
+            receiver.max_pdu_size,
+        )
 
     def __init__(
         self, workflow_id: str, receiver: DicomReceiverSetting, host: str, ingest: Ingest
@@ -186,7 +108,7 @@ class Listener:
         self._acceptor: threading.Thread | None = None
         self._lock = threading.Condition()
         self._associations: set[Association] = set()
-        self._admitted: set[Association] = set()
+        self._admitted: set[Session] = set()
 
     @property
     def port(self) -> int:
@@ -207,7 +129,7 @@ class Listener:
             family = socket.getaddrinfo(self.host, receiver.port, type=socket.SOCK_STREAM)[0][0]
             server = socket.create_server((self.host, receiver.port), family=family, backlog=128)
         except OSError as exc:
-            raise ListenerError(_bind_problem(self.host, receiver.port, exc)) from exc
+            raise ReceiverError(_bind_problem(self.host, receiver.port, exc)) from exc
         self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
         self._server, self._wake = server, socket.socketpair()
         self._acceptor = threading.Thread(
@@ -222,7 +144,7 @@ class Listener:
             receiver.our_aet,
         )
 
-    def update_policy(self, receiver: DicomReceiverSetting) -> None:
+    def update(self, receiver: DicomReceiverSetting) -> None:
         """New allow-list and AE rules apply to the next association; open ones go on."""
         self.receiver = receiver
         self.policy = Policy.from_receiver(receiver)
@@ -249,7 +171,6 @@ class Listener:
             self._lock.wait_for(lambda: not self._associations, timeout=_ABORT_WAIT_SECONDS)
         log.info("workflow %s stopped listening", self.workflow_id)
 
-    # --------------------------------------------------------------------- serving
     def _accept_loop(self) -> None:
         assert self._server is not None and self._wake is not None
         server, wake = self._server, self._wake[0]
@@ -291,8 +212,7 @@ class Listener:
                 self.ingest.spool.incoming,
                 our_max_pdu=receiver.max_pdu_size,
                 timeout_seconds=float(receiver.association_timeout_seconds),
-                decide=self._decide,
-                store=self._store,
+                handler=self,
             )
         except OSError:  # the peer left before we looked at it
             connection.close()
@@ -312,16 +232,16 @@ class Listener:
         finally:
             with self._lock:
                 self._associations.discard(association)
-                self._admitted.discard(association)
                 self._lock.notify_all()
 
-    def _decide(self, association: Association, request: Request) -> tuple[int, int, int] | None:
-        where = (association.peer_address, association.peer_port)
+    # ------------------------------------------------------------ the Handler hooks
+    def on_associate(self, session: Session, request: Request) -> Rejection | None:
+        where = (session.peer_address, session.peer_port)
         rejection = self.policy.rejection(request.calling_aet, request.called_aet)
         if rejection is not None:
             reason = (
                 "calling AE not allowed"
-                if rejection == REJECT_CALLING_AE
+                if rejection == CALLING_AE_NOT_RECOGNIZED
                 else "called AE is not ours"
             )
             log.warning(
@@ -341,24 +261,28 @@ class Listener:
                     request.calling_aet,
                     limit,
                 )
-                return REJECT_LOCAL_LIMIT
-            self._admitted.add(association)
+                return LOCAL_LIMIT_EXCEEDED
+            self._admitted.add(session)
         log.info("accepted association from %s:%s calling %r", *where, request.calling_aet)
         return None
 
-    def _store(self, received: Received) -> int:
+    def on_c_store(self, session: Session, received: ReceivedObject) -> int:
         if self._refusing.is_set():
             received.path.unlink(missing_ok=True)
-            return OUT_OF_RESOURCES
-        try:
-            return self.ingest.store(self.workflow_id, received)
-        except Exception as exc:  # the store path never raises: any surprise is "out of resources"
-            log.error(
-                "C-STORE for workflow %s failed: %s; answered 0xA700",
-                self.workflow_id,
-                type(exc).__name__,
-            )
-            return OUT_OF_RESOURCES
+            return status.OUT_OF_RESOURCES
+        origin = Origin(
+            peer_address=session.peer_address,
+            peer_port=session.peer_port,
+            calling_aet=session.calling_aet,
+            called_aet=session.called_aet,
+        )
+        return self.ingest.store(
+            self.workflow_id, origin, received, float(self.receiver.deduplicate_window_seconds)
+        )
+
+    def on_release(self, session: Session) -> None:
+        with self._lock:
+            self._admitted.discard(session)
 
 
 def _bind_problem(host: str, port: int, exc: OSError) -> str:

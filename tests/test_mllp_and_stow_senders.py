@@ -19,7 +19,7 @@ from tests.dicom import RuntimeProcess, dataset_bytes, sample_file, send_files, 
 from tests.documents import RECEIVER_ID
 from tests.http_peer import HttpPeer
 from tests.peers import MllpPeer, Orthanc
-from tests.test_forwarding import SENDER_ID, forwarding, run_until_final
+from tests.test_dicom_sender import SENDER_ID, forwarding, run_until_final
 
 EXAMPLE = documents.REPO / "workflows" / "sr-to-oru.json"
 

@@ -1,4 +1,4 @@
-"""Hot loading, decided purely: plan(running, scanned) -> Plan. Upstream: runtime. No I/O.
+"""Hot loading, decided purely: plan(running, scanned) -> Plan. Upstream: supervisor. No I/O.
 
 runtime.md 3: a new valid file starts; a changed valid file replaces its old version (the
 listener restarts only when a listener field changed: port, our AE title, timeouts, limits;
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from soupflow.receivers import RECEIVERS
 from soupflow.workflow.load import LoadedWorkflow
 from soupflow.workflow.model import DicomReceiverSetting
 
@@ -34,26 +35,13 @@ class Plan:
     update: list[LoadedWorkflow] = field(default_factory=list)  # same listener, new definition
     start: list[LoadedWorkflow] = field(default_factory=list)
     refused: list[tuple[LoadedWorkflow, str]] = field(default_factory=list)
-    invalid: list[tuple[LoadedWorkflow, bool]] = field(
-        default_factory=list
-    )  # (file, last good kept)
-
-    @property
-    def changes(self) -> bool:
-        return bool(
-            self.stop or self.restart or self.update or self.start or self.refused or self.invalid
-        )
+    # (file, whether its last good version keeps running)
+    invalid: list[tuple[LoadedWorkflow, bool]] = field(default_factory=list)
 
 
-def listener_key(receiver: DicomReceiverSetting) -> tuple[object, ...]:
-    """Fields a running listener cannot take without restarting."""
-    return (
-        receiver.port,
-        receiver.our_aet.strip(),
-        receiver.association_timeout_seconds,
-        receiver.max_associations,
-        receiver.max_pdu_size,
-    )
+def restart_key(receiver: DicomReceiverSetting) -> tuple[object, ...]:
+    """Fields a running receiver cannot take without restarting (its kind's own rule)."""
+    return (type(receiver), *RECEIVERS[type(receiver)].restart_key(receiver))
 
 
 def plan(
@@ -107,7 +95,7 @@ def plan(
             if current.listening:
                 result.stop.append(workflow_id)
             result.update.append(loaded)
-        elif not current.listening or listener_key(receiver) != listener_key(current.receiver):
+        elif not current.listening or restart_key(receiver) != restart_key(current.receiver):
             result.restart.append(loaded)
         elif loaded.path not in same:
             result.update.append(loaded)

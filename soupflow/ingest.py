@@ -1,0 +1,133 @@
+"""Ingest: make a received object durable and say what to answer. One path for every receiver.
+
+Upstream: receivers (a DICOM listener today; a STOW-RS receiver next), each with an object
+already written to the spool's incoming folder. Downstream: dicom.part10 (is the object
+usable?), store.spool (commit), store.queue (enqueue). The answer is a DIMSE status
+(`dicom.status`); a receiver that is not DICOM maps it to its own protocol (PS3.18's STOW-RS
+Failure Reasons use the same codes). The object is answered Success only once its bytes and
+its queue entry are both durable; on any failure the object is removed and nothing is left
+half-stored. Log lines carry ids, never a value from the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from soupflow.dicom import status
+from soupflow.dicom.acceptor import ReceivedObject
+from soupflow.dicom.part10 import MalformedObjectError, identify
+from soupflow.store.queue import Arrival, Origin, Queue, QueueError
+from soupflow.store.spool import Spool, SpoolError
+
+log = logging.getLogger(__name__)
+
+
+def check_object(received: ReceivedObject) -> int | None:
+    """A failure status when the received object is unusable, else None (headers only)."""
+    try:
+        found_class, found_instance = identify(received.path)
+    except (MalformedObjectError, ValueError, TypeError, KeyError, AttributeError):
+        return status.CANNOT_UNDERSTAND
+    if found_class != received.sop_class_uid or found_instance != received.sop_instance_uid:
+        return status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    return None
+
+
+class Ingest:
+    """Check the object, commit it to the spool, enqueue it, choose the status."""
+
+    def __init__(self, spool: Spool, queue: Queue, clock: Callable[[], float] = time.time) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.clock = clock
+
+    def store(
+        self,
+        workflow_id: str,
+        origin: Origin,
+        received: ReceivedObject,
+        dedupe_seconds: float = 0,
+    ) -> int:
+        """The status to answer; the received file is moved into the spool or removed.
+        Never raises: any surprise is 0xA700 (the sender may try again)."""
+        try:
+            return self._store(workflow_id, origin, received, dedupe_seconds)
+        except Exception as exc:
+            log.error(
+                "C-STORE for workflow %s failed: %s; answered %s",
+                workflow_id,
+                type(exc).__name__,
+                status.describe(status.OUT_OF_RESOURCES),
+            )
+            return status.OUT_OF_RESOURCES
+        finally:
+            received.path.unlink(missing_ok=True)
+
+    def _store(
+        self, workflow_id: str, origin: Origin, received: ReceivedObject, dedupe_seconds: float
+    ) -> int:
+        sop_instance_uid = received.sop_instance_uid
+        problem = check_object(received)
+        if problem is not None:
+            log.warning(
+                "refused SOPInstanceUID %s from %r: %s",
+                sop_instance_uid,
+                origin.calling_aet or origin.peer_address,
+                status.describe(problem),
+            )
+            return problem
+        request_id = str(uuid.uuid4())
+        try:
+            byte_count = self.spool.commit(received.path, request_id)
+        except SpoolError as exc:
+            log.error(
+                "cannot spool SOPInstanceUID %s (RequestId %s): %s; answered %s",
+                sop_instance_uid,
+                request_id,
+                exc.strerror,
+                status.describe(status.OUT_OF_RESOURCES),
+            )
+            return status.OUT_OF_RESOURCES
+        arrival = Arrival(
+            request_id=request_id,
+            workflow_id=workflow_id,
+            object_path=self.spool.relative(request_id),
+            byte_count=byte_count,
+            received_at=self.clock(),
+            sop_class_uid=received.sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=received.transfer_syntax_uid,
+            origin=origin,
+        )
+        try:
+            enqueued = self.queue.enqueue(arrival, dedupe_seconds)
+        except QueueError as exc:
+            self.spool.remove(request_id)
+            log.error(
+                "cannot queue SOPInstanceUID %s (RequestId %s): %s; answered %s",
+                sop_instance_uid,
+                request_id,
+                exc,
+                status.describe(status.OUT_OF_RESOURCES),
+            )
+            return status.OUT_OF_RESOURCES
+        if not enqueued:
+            self.spool.remove(request_id)
+            log.info(
+                "SOPInstanceUID %s is a duplicate within %g s for workflow %s: answered "
+                "Success, not queued again",
+                sop_instance_uid,
+                dedupe_seconds,
+                workflow_id,
+            )
+            return status.SUCCESS
+        log.info(
+            "stored SOPInstanceUID %s as RequestId %s (%d bytes)",
+            sop_instance_uid,
+            request_id,
+            byte_count,
+        )
+        return status.SUCCESS

@@ -1,0 +1,28 @@
+"""What every receiver kind is to the runtime. Upstream: runtime.supervisor. Downstream: the
+receiver modules, each a front door that turns network input into `ingest.Ingest.store`."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class ReceiverError(Exception):
+    """A receiver could not start (port in use, not permitted, bad address)."""
+
+
+class Receiver(Protocol):
+    """One workflow's front door. `restart_key(setting)` names the fields it cannot take
+    while running; any other change goes through `update`."""
+
+    @property
+    def port(self) -> int:
+        """The bound port (the one the OS chose when the setting's port is 0)."""
+
+    def start(self) -> None:
+        """Bind and serve; ReceiverError when it cannot."""
+
+    def update(self, receiver: Any) -> None:
+        """Take a new setting with the same restart key; applies to the next connection."""
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting; let work in progress finish for up to `grace_seconds`."""
