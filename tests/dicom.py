@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import pytest
 from pydicom import dcmread
@@ -159,7 +159,10 @@ def wait_for(predicate: Any, what: str, seconds: float = DEADLINE_SECONDS) -> An
 
 
 class RuntimeProcess:
-    """`soupflow run` in its own process, as an operator runs it."""
+    """`soupflow run` in its own process, as an operator runs it. Every one started is
+    killed after its test by `conftest.py`, whatever happened (a failed start included)."""
+
+    started: ClassVar[list[RuntimeProcess]] = []
 
     def __init__(
         self,
@@ -172,26 +175,33 @@ class RuntimeProcess:
         self.data = data
         self.log = data.parent / "runtime.log"
         (data / LISTENERS_FILE).unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            [
-                *launcher,
-                sys.executable,
-                "-m",
-                "soupflow",
-                "run",
-                "--workflows",
-                str(workflows),
-                "--data",
-                str(data),
-                *options,
-            ],
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "COLUMNS": "200"},
-        )
+        command = [
+            *launcher,
+            sys.executable,
+            "-m",
+            "soupflow",
+            "run",
+            "--workflows",
+            str(workflows),
+            "--data",
+            str(data),
+            *options,
+        ]
+        with self.log.open("w") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "COLUMNS": "200"},
+            )
         self.ports: dict[str, int] = {}
+        RuntimeProcess.started.append(self)
         if wait:
-            self.refresh()
+            try:
+                self.refresh()
+            except BaseException:
+                self.kill()
+                raise
 
     def refresh(self, predicate: Any = None) -> list[dict[str, Any]]:
         """The listener rows, once `predicate(rows)` holds (bounded wait)."""
@@ -233,7 +243,8 @@ class RuntimeProcess:
         raise AssertionError("no VmHWM in /proc status")
 
     def kill(self) -> None:
-        self.process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
         self.process.wait(timeout=DEADLINE_SECONDS)
 
     def terminate(self) -> int:

@@ -3,6 +3,7 @@ DICOMweb plugin (Debian's packages) in a temporary configuration."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,11 +21,16 @@ START, END = b"\x0b", b"\x1c\r"
 
 
 class MllpPeer:
-    """Receives framed HL7 messages; answers each with an ACK (`ack` code) or nothing."""
+    """Receives framed HL7 messages; answers each with an ACK (`ack` code) or nothing. Each
+    connection carries any number of messages until the sender closes it; `connections`
+    counts them, and `drop_connections` closes the open ones as a restarted RIS would."""
 
     def __init__(self, ack: str | None = "AA", text: str = "") -> None:
         self.ack, self.text = ack, text
         self.messages: list[str] = []
+        self.connections = 0
+        self.closed = 0  # connections this peer has closed
+        self._open: list[socket.socket] = []
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.2)
         self._stopping = threading.Event()
@@ -41,18 +47,31 @@ class MllpPeer:
                 connection, _ = self.server.accept()
             except TimeoutError:
                 continue
+            self.connections += 1
+            self._open.append(connection)
             threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
 
     def _handle(self, connection: socket.socket) -> None:
-        with connection:
-            connection.settimeout(10)
-            data = b""
+        try:
+            self._exchange(connection)
+        finally:
+            connection.close()
+            self.closed += 1
+
+    def _exchange(self, connection: socket.socket) -> None:
+        connection.settimeout(10)
+        data = b""
+        for _ in range(1000):  # bounded: no test sends more on one connection
             while END not in data:
-                chunk = connection.recv(65536)
+                try:
+                    chunk = connection.recv(65536)
+                except OSError:
+                    return
                 if not chunk:
-                    break
+                    return
                 data += chunk
-            message = data.removeprefix(START).split(END, 1)[0].decode("utf-8")
+            frame, data = data.split(END, 1)
+            message = frame.removeprefix(START).decode("utf-8")
             self.messages.append(message)
             if self.ack is None:
                 self._stopping.wait(3)  # hold the connection, never answer
@@ -60,6 +79,12 @@ class MllpPeer:
             control_id = message.split("\r")[0].split("|")[9] if message.count("|") > 9 else ""
             reply = f"MSH|^~\\&|RIS|HOSPITAL|SOUPFLOW||20260101||ACK|1|P|2.5.1\rMSA|{self.ack}|{control_id}|{self.text}\r"
             connection.sendall(START + reply.encode("utf-8") + END)
+
+    def drop_connections(self) -> None:
+        for connection in self._open:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self._open.clear()
 
     def close(self) -> None:
         self._stopping.set()
@@ -113,13 +138,13 @@ class Orthanc:
         return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def start(self) -> None:
-        log = (self.folder / "orthanc.log").open("ab")
-        self.process = subprocess.Popen(
-            [self.program, str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
+        with (self.folder / "orthanc.log").open("ab") as log:  # the child keeps its copy
+            self.process = subprocess.Popen(
+                [self.program, str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
         wait_for(self._answers, "Orthanc to answer")
 
     def _answers(self) -> bool:

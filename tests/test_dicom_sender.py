@@ -138,6 +138,9 @@ def test_a_refused_compressed_syntax_falls_back_to_decompressed(tmp_path: Path) 
         [message], _ = run_until_final(tmp_path, forwarding(port), [JPEG])
         [received] = (tmp_path / "pacs").iterdir()
     assert message.state == State.COMPLETED
+    assert "sent decompressed: the peer refused 1.2.840.10008.1.2.4.50" in outcome_details(
+        tmp_path, message
+    )
     stored = dcmread(received)
     assert stored.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
     assert stored.SOPInstanceUID == dcmread(JPEG).SOPInstanceUID
@@ -207,6 +210,21 @@ def test_out_of_resources_is_retried_and_an_error_status_is_dead(tmp_path: Path)
         )
     assert (message.state, message.attempts) == (State.DEAD, 1)
     assert "answered C-STORE 0xC000" in (message.reason or "")
+
+
+def outcome_details(tmp_path: Path, message: Message) -> str:
+    queue = SqliteQueue(tmp_path / "data")
+    try:
+        return " ".join(o.detail for o in queue.activity_outcomes(message.request_id))
+    finally:
+        queue.close()
+
+
+def test_a_warning_status_succeeds_and_is_recorded_in_the_outcome(tmp_path: Path) -> None:
+    with scripted_scp([0xB000]) as (port, _):
+        [message], _ = run_until_final(tmp_path, forwarding(port), [sample_file("CT_small.dcm")])
+    assert message.state == State.COMPLETED
+    assert "C-STORE 0xB000 Warning: Coercion of Data Elements" in outcome_details(tmp_path, message)
 
 
 def test_soupflow_echo_tests_a_connection(tmp_path: Path) -> None:

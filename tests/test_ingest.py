@@ -209,3 +209,30 @@ def test_a_rejection_is_logged_with_ae_titles_and_peer_address(
     [record] = [r for r in caplog.records if "rejected association" in r.getMessage()]
     assert record.getMessage().startswith("rejected association from 127.0.0.1:")
     assert "calling 'INTRUDER' called 'SOUPFLOW': calling AE not allowed" in record.getMessage()
+
+
+def test_a_resend_within_the_deduplication_window_is_answered_success_and_queued_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = sample_file("CT_small.dcm")
+    uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    with receiving(
+        tmp_path / "data", AcceptedCallingAETs="*", DeduplicateWindowSeconds=3600
+    ) as running:
+        caplog.set_level("INFO")
+        assert send_files(running.port, [source, source]) == [SUCCESS, SUCCESS]
+        assert send_files(running.port, [source]) == [SUCCESS]
+        assert len(running.stored(uid)) == 1
+        [counts] = running.queue.counts()
+        assert counts.duplicates == 2
+    assert sum("is a duplicate within 3600 s" in r.getMessage() for r in caplog.records) == 2
+    objects = [path for path in (tmp_path / "data" / "objects").rglob("*") if path.is_file()]
+    assert len(objects) == 1  # the duplicates' files are not left in the spool
+
+
+def test_without_a_deduplication_window_a_resend_is_queued_again(tmp_path: Path) -> None:
+    source = sample_file("CT_small.dcm")
+    uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    with receiving(tmp_path / "data", AcceptedCallingAETs="*") as running:
+        assert send_files(running.port, [source, source]) == [SUCCESS, SUCCESS]
+        assert len(running.stored(uid)) == 2

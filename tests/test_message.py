@@ -18,6 +18,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from soupflow.message.convert import COMMON_FIELDS, Options, convert, render
+from soupflow.message.report import one_line
 from soupflow.store.queue import Arrival
 from tests import documents, records
 
@@ -145,8 +146,19 @@ def test_sr_report_matches_the_dataset_item_by_item(name: str) -> None:
         if node["ValueType"] == "NUM":
             assert node["Numeric"] == float(item.MeasuredValueSequence[0].NumericValue)
     position = 0
-    for text in texts:  # every TEXT value, in document order
-        position = report["Text"].index(text, position) + len(text)
+    for text in texts:  # every TEXT value, in document order, on its one line
+        position = report["Text"].index(one_line(text), position) + len(one_line(text))
+    assert report["Text"].count("\n") == len(produced)  # the title, then one line per item
+
+
+def test_line_breaks_inside_a_value_keep_text_one_line_per_item() -> None:
+    path = Path(get_testdata_file("test-SR.dcm"))
+    values = [item.get("TextValue", "") for item in _items(dcmread(path))]
+    assert any("\r" in value or "\n" in value for value in values)  # the file has some
+    text = message(path)["Report"]["Text"]
+    assert "\r" not in text
+    assert "Sample Text\\nA\\nB\\nC" in text
+    assert one_line("a\\b\r\nc") == "a\\\\b\\nc"
 
 
 def test_a_non_sr_object_has_no_report() -> None:

@@ -12,6 +12,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from soupflow.activities.connections import Connections, Pool
+from soupflow.pipeline.run import Ending
 from soupflow.store.queue import State
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
@@ -20,6 +22,7 @@ from tests.documents import RECEIVER_ID
 from tests.http_peer import HttpPeer
 from tests.peers import MllpPeer, Orthanc
 from tests.test_dicom_sender import SENDER_ID, forwarding, run_until_final
+from tests.test_pipeline import run
 
 EXAMPLE = documents.REPO / "workflows" / "sr-to-oru.json"
 
@@ -231,3 +234,68 @@ def dataset_bytes_of(multipart: bytes) -> bytes:
         path = Path(folder) / "part.dcm"
         path.write_bytes(part)
         return dataset_bytes(path)
+
+
+def mllp_workflow(port: int, **fields: Any) -> dict[str, Any]:
+    sender = {
+        "$type": documents.type_of("MLLPSenderSetting", documents.NS_SENDERS),
+        "Id": SENDER_ID,
+        "Name": "RIS",
+        "Server": "127.0.0.1",
+        "Port": port,
+        "TimeoutSeconds": 10,
+        "WaitForResponse": True,
+        "MessageType": 1,
+        "MessageTemplate": "MSH|^~\\&|SOUPFLOW|A|RIS|B|20260101||ORU^R01|${RequestId}|P|2.5.1\rPID|1\r",
+        **fields,
+    }
+    return documents.workflow(sender, Port=0, AcceptedCallingAETs="*")
+
+
+def test_keep_connection_open_sends_many_messages_over_one_connection(tmp_path: Path) -> None:
+    peer = MllpPeer()
+    connections = Connections()
+    try:
+        for _ in range(3):
+            result, _ = run(
+                mllp_workflow(peer.port, KeepConnectionOpen=True), tmp_path, connections=connections
+            )
+            assert result.state == Ending.COMPLETED
+        assert (peer.connections, len(peer.messages)) == (1, 3)
+        peer.drop_connections()  # the RIS restarts: the kept connection is gone
+        wait_for(lambda: peer.closed == 1, "the RIS to close the kept connection")
+        result, _ = run(
+            mllp_workflow(peer.port, KeepConnectionOpen=True), tmp_path, connections=connections
+        )
+        assert result.state == Ending.COMPLETED
+        assert (peer.connections, len(peer.messages)) == (2, 4)
+    finally:
+        connections.close_all()
+        peer.close()
+
+
+def test_without_keep_connection_open_each_message_has_its_own_connection(
+    tmp_path: Path,
+) -> None:
+    peer = MllpPeer()
+    connections = Connections()
+    try:
+        for _ in range(3):
+            result, _ = run(mllp_workflow(peer.port), tmp_path, connections=connections)
+            assert result.state == Ending.COMPLETED
+        assert (peer.connections, len(peer.messages)) == (3, 3)
+        assert connections.sockets.take(("127.0.0.1", peer.port)) is None
+    finally:
+        peer.close()
+
+
+def test_idle_kept_connections_are_closed_after_their_keep_time() -> None:
+    closed: list[str] = []
+    now = [0.0]
+    pool: Pool[str, str] = Pool(closed.append, clock=lambda: now[0])
+    pool.give("ris", "connection-1", 60)
+    now[0] = 59
+    assert pool.close_idle() == 0
+    now[0] = 61
+    assert pool.close_idle() == 1
+    assert (closed, pool.take("ris")) == (["connection-1"], None)

@@ -57,6 +57,7 @@ def run(
     data: Path,
     sample: Path | None = None,
     done: frozenset[str] = frozenset(),
+    connections: Connections | None = None,
 ) -> tuple[Result, list[str]]:
     loaded = load_text(json.dumps(document), Path("w.json"))
     assert loaded.valid, [str(issue) for issue in loaded.issues]
@@ -66,7 +67,11 @@ def run(
     recorded: list[str] = []
     with httpx.Client() as client:
         result = run_message(
-            context, done, lambda activity, _: recorded.append(activity), client, Connections()
+            context,
+            done,
+            lambda activity, _: recorded.append(activity),
+            client,
+            connections or Connections(),
         )
     return result, recorded
 
@@ -141,6 +146,18 @@ def test_records_append_and_a_full_file_moves_on(tmp_path: Path) -> None:
     [full] = (tmp_path / "out" / "done").iterdir()
     assert full.read_text() == "0\n1\n"
     assert (tmp_path / "out" / "log.txt").read_text() == "2\n"
+    # Output folders hold only what the workflow writes: the count is kept in the data folder.
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["done", "log.txt"]
+    assert (tmp_path / "file-writer" / "records").is_dir()
+
+
+def test_the_writers_locks_stay_bounded_however_many_files_it_writes(tmp_path: Path) -> None:
+    for number in range(100):
+        writer = file_writer(FilePathToWrite=f"out/{number}.txt", MessageType=13)
+        assert run(documents.workflow(writer), tmp_path)[0].state == "completed"
+    assert len(list((tmp_path / "out").iterdir())) == 100
+    locks = list((tmp_path / "file-writer" / "locks").iterdir())
+    assert 0 < len(locks) <= 64
 
 
 def test_for_each_over_the_report_builds_hl7_with_mappings_and_appended_lines(

@@ -130,9 +130,17 @@ def _numeric(dataset: Dataset) -> dict[str, Any]:
     return value
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: a backslash becomes `\\\\` and each line break (CR LF, CR or LF)
+    the two characters `\\n`, so `Text` keeps one line per item and stays reversible."""
+    return (
+        text.replace("\\", "\\\\").replace("\r\n", "\\n").replace("\r", "\\n").replace("\n", "\\n")
+    )
+
+
 def _render(items: list[dict[str, Any]], depth: int, lines: list[str]) -> None:
     for item in items:
-        label, value = item["Name"], item["Value"]
+        label, value = one_line(item["Name"]), one_line(item["Value"])
         line = f"{label}: {value}" if label and value else label or value or item["ValueType"]
         lines.append(_INDENT * depth + line)
         _render(item.get("Items", []), depth + 1, lines)
