@@ -76,17 +76,24 @@ def _values(data: bytes) -> dict[int, bytes]:
     return values
 
 
+def _unsigned(values: dict[int, bytes], *elements: int, lacking: str) -> list[int]:
+    """The US values of required elements, or CommandError saying what is `lacking`."""
+    try:
+        return [_US.unpack(values[element][:2])[0] for element in elements]
+    except (KeyError, struct.error) as exc:
+        raise CommandError(f"the command set lacks {lacking}") from exc
+
+
 def parse_command(data: bytes) -> Command:
     """The request in a command set (PS3.7 9.3.1.1 for C-STORE, 9.3.5.1 for C-ECHO)."""
     values = _values(data)
-    try:
-        (command_field,) = _US.unpack(values[_COMMAND_FIELD][:2])
-        (message_id,) = _US.unpack(values[_MESSAGE_ID][:2])
-        (data_set_type,) = _US.unpack(values[_COMMAND_DATA_SET_TYPE][:2])
-    except (KeyError, struct.error) as exc:
-        raise CommandError(
-            "the command set lacks Command Field, Message ID or Data Set Type"
-        ) from exc
+    command_field, message_id, data_set_type = _unsigned(
+        values,
+        _COMMAND_FIELD,
+        _MESSAGE_ID,
+        _COMMAND_DATA_SET_TYPE,
+        lacking="Command Field, Message ID or Data Set Type",
+    )
     return Command(
         command_field=command_field,
         message_id=message_id,
@@ -119,15 +126,13 @@ def response(request: Command, status: int) -> bytes:
 
 def parse_response(data: bytes) -> Response:
     """The response in a command set (PS3.7 9.3.1.2 for C-STORE, 9.3.5.2 for C-ECHO)."""
-    values = _values(data)
-    try:
-        (command_field,) = _US.unpack(values[_COMMAND_FIELD][:2])
-        (responded_to,) = _US.unpack(values[_MESSAGE_ID_BEING_RESPONDED_TO][:2])
-        (code,) = _US.unpack(values[_STATUS][:2])
-    except (KeyError, struct.error) as exc:
-        raise CommandError(
-            "the response lacks Command Field, Message ID Being Responded To or Status"
-        ) from exc
+    command_field, responded_to, code = _unsigned(
+        _values(data),
+        _COMMAND_FIELD,
+        _MESSAGE_ID_BEING_RESPONDED_TO,
+        _STATUS,
+        lacking="Command Field, Message ID Being Responded To or Status",
+    )
     return Response(command_field, responded_to, code)
 
 
