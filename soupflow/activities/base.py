@@ -18,9 +18,13 @@ class Activity:
 
     context: RunContext
     activity_id: str
-    outbound: str
     http: httpx.Client
     connections: Connections
+
+    @property
+    def outbound(self) -> str:
+        """The activity's message after its transformers (made now if it was deferred)."""
+        return self.context.outbound.get(self.activity_id, "")
 
 
 @dataclass(frozen=True)

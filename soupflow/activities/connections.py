@@ -1,6 +1,6 @@
 """Connections kept open between messages, per destination. Upstream: runtime.workers (owns
 one `Connections` and closes idle ones); downstream: the senders that reuse connections (MLLP
-with `KeepConnectionOpen`).
+with `KeepConnectionOpen`, the DICOM sender's associations).
 
 A connection is taken for one message and given back when that message is done with it; a
 connection that failed is closed instead of given back. Idle connections are closed after
@@ -16,7 +16,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from soupflow.dicom.negotiation import Proposal
+from soupflow.dicom.requestor import Association, AssociationLostError, Destination
+
+# PS3.8 9.3.2.2: context ids are odd numbers 1-255, so at most 128 contexts per association.
+_MAX_PROPOSALS = 128
 
 K = TypeVar("K", bound=Hashable)
 C = TypeVar("C")
@@ -86,14 +93,148 @@ def still_open(connection: socket.socket) -> bool:
     return not readable  # an idle peer sends nothing; readable means EOF, reset or junk
 
 
+@dataclass
+class _Destination:
+    """The associations of one destination: how many are open, which of them are idle."""
+
+    open: int = 0
+    idle: list[tuple[Association, float]] = field(default_factory=list)  # (it, close after)
+    proposals: dict[Proposal, None] = field(default_factory=dict)  # every one asked for, in order
+
+
+class AssociationPool:
+    """DICOM associations by destination, reused while messages keep coming.
+
+    `take` gives an open association that proposed what the message needs (most recently
+    used first), else opens one, proposing what this message needs and what earlier ones to
+    the same destination needed (so one association soon serves a whole study's SOP
+    classes). At most `limit` are open per destination: a caller beyond it waits for one to
+    come back, or replaces an idle one that lacks its contexts. `give` keeps an association
+    for `keep_seconds`; `discard` aborts a broken one.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._destinations: dict[Destination, _Destination] = {}
+        self._changed = threading.Condition()
+
+    def take(
+        self, destination: Destination, needs: list[Proposal], limit: int
+    ) -> tuple[Association, bool]:
+        """(an association whose proposals include `needs`, whether it was used before)."""
+        deadline = time.monotonic() + destination.timeout_seconds
+        closing: list[Association] = []
+        with self._changed:
+            entry = self._destinations.setdefault(destination, _Destination())
+            for proposal in needs:
+                entry.proposals.setdefault(proposal)
+            while True:
+                found = self._usable(entry, needs, closing)
+                if found is not None:
+                    break
+                if entry.idle:
+                    # An idle association lacks our contexts: release it first, then open one
+                    # that has them (a PACS that serves one association at a time would
+                    # otherwise never answer the second).
+                    replaced, _ = entry.idle.pop(0)
+                    closing.append(replaced)
+                    entry.open -= 1
+                if entry.open < limit:
+                    entry.open += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssociationLostError(
+                        f"no association to {destination} came free within "
+                        f"{destination.timeout_seconds:g} s ({limit} open: MaxAssociations)"
+                    )
+                self._changed.wait(remaining)
+            others = [proposal for proposal in entry.proposals if proposal not in needs]
+            proposals = [*needs, *others[-(_MAX_PROPOSALS - len(needs)) :]]
+        for association in closing:
+            association.release()
+        if found is not None:
+            return found, True
+        try:
+            return Association.open(destination, proposals), False
+        except BaseException:
+            self._forget(destination)
+            raise
+
+    def give(self, association: Association, keep_seconds: float) -> None:
+        """The caller is done with it: kept for `keep_seconds` (0: released now)."""
+        if keep_seconds <= 0 or association.closed:
+            association.release()
+            self._forget(association.destination)
+            return
+        with self._changed:
+            entry = self._destinations[association.destination]
+            entry.idle.append((association, self._clock() + keep_seconds))
+            self._changed.notify_all()
+
+    def discard(self, association: Association) -> None:
+        """It broke (abort, timeout, reset): never used again."""
+        association.abort()
+        self._forget(association.destination)
+
+    def close_idle(self) -> int:
+        """Release the associations idle past their keep time; how many."""
+        now = self._clock()
+        return self._release_idle(lambda destination, until: until <= now)
+
+    def retain(self, destinations: set[Destination]) -> int:
+        """Release the idle associations to destinations no workflow sends to any more."""
+        return self._release_idle(lambda destination, until: destination not in destinations)
+
+    def close_all(self) -> None:
+        self._release_idle(lambda destination, until: True)
+
+    @staticmethod
+    def _usable(
+        entry: _Destination, needs: list[Proposal], closing: list[Association]
+    ) -> Association | None:
+        """An idle association that proposed `needs` and is still open (most recent first);
+        the ones the peer closed meanwhile go to `closing`."""
+        for index in range(len(entry.idle) - 1, -1, -1):
+            association, _ = entry.idle[index]
+            if not association.still_open():
+                del entry.idle[index]
+                entry.open -= 1
+                closing.append(association)
+            elif all(proposal in association.proposed for proposal in needs):
+                del entry.idle[index]
+                return association
+        return None
+
+    def _release_idle(self, expired: Callable[[Destination, float], bool]) -> int:
+        doomed: list[Association] = []
+        with self._changed:
+            for destination, entry in self._destinations.items():
+                keep = [(a, until) for a, until in entry.idle if not expired(destination, until)]
+                doomed += [a for a, until in entry.idle if expired(destination, until)]
+                entry.open -= len(entry.idle) - len(keep)
+                entry.idle = keep
+            self._changed.notify_all()
+        for association in doomed:
+            association.release()
+        return len(doomed)
+
+    def _forget(self, destination: Destination) -> None:
+        with self._changed:
+            self._destinations[destination].open -= 1
+            self._changed.notify_all()
+
+
 class Connections:
     """The pools one set of workers shares."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.sockets: Pool[tuple[str, int], socket.socket] = Pool(_close_socket, clock)
+        self.associations = AssociationPool(clock)
 
     def close_idle(self) -> int:
-        return self.sockets.close_idle()
+        return self.sockets.close_idle() + self.associations.close_idle()
 
     def close_all(self) -> None:
         self.sockets.close_all()
+        self.associations.close_all()

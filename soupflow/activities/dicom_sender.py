@@ -2,7 +2,12 @@
 
 The object goes byte-exact (its dataset bytes streamed from the spool as they are) in its own
 transfer syntax, as `OurAET` to `RemoteAET` at `RemoteHost:RemotePort`, with `TimeoutSeconds`
-bounding the association, each operation and the response (`dicom.requestor`). For a
+bounding the association, each operation and the response (`dicom.requestor`). Associations
+are reused (`activities.connections.AssociationPool`): kept `KeepAssociationOpenSeconds`
+after their last message, at most `MaxAssociations` per destination. A kept association
+that turns out broken when used (the peer dropped it while idle) is replaced once at once;
+an association that breaks otherwise makes the attempt fail (transient), and it is
+discarded. An activity is recorded as done only after the destination answered. For a
 compressed object an uncompressed context is proposed too: when the peer accepts only that,
 the object is decoded (pydicom with numpy and Pillow) and sent decompressed, and the outcome
 says so; an object that cannot be decoded here is dead with the reason. Statuses are
@@ -22,7 +27,12 @@ from soupflow.activities.base import Activity, Outcome
 from soupflow.dicom import status
 from soupflow.dicom.negotiation import Proposal
 from soupflow.dicom.part10 import dataset_offset
-from soupflow.dicom.requestor import Association, Destination, RequestorError
+from soupflow.dicom.requestor import (
+    Association,
+    AssociationLostError,
+    Destination,
+    RequestorError,
+)
 from soupflow.pipeline.errors import PermanentError, TransientError
 from soupflow.workflow import model
 
@@ -44,36 +54,50 @@ def run(setting: model.DicomSenderSetting, activity: Activity) -> Outcome:
     where = destination(setting)
     sop_class, syntax = arrival.sop_class_uid, arrival.transfer_syntax_uid
     compressed = UID(syntax).is_compressed
-    proposals = [Proposal(sop_class, (syntax,))]
+    needs = [Proposal(sop_class, (syntax,))]
     if compressed:
-        proposals.append(Proposal(sop_class, UNCOMPRESSED))
+        needs.append(Proposal(sop_class, UNCOMPRESSED))
+    pool = activity.connections.associations
+    for fresh in (False, True):
+        try:
+            association, reused = pool.take(where, needs, setting.max_associations)
+        except RequestorError as exc:
+            raise (TransientError if exc.transient else PermanentError)(str(exc)) from None
+        try:
+            code, note = _store(association, activity, compressed, where)
+        except AssociationLostError as exc:
+            pool.discard(association)
+            if reused and not fresh:
+                continue  # dropped while idle: a new association, at once
+            raise TransientError(str(exc)) from None
+        except BaseException:
+            pool.give(association, setting.keep_association_open_seconds)
+            raise
+        pool.give(association, setting.keep_association_open_seconds)
+        return Outcome(None, _outcome(where, code) + note)
+    raise AssertionError("unreachable: the second try raises or returns")
+
+
+def _store(
+    association: Association, activity: Activity, compressed: bool, where: Destination
+) -> tuple[int, str]:
+    """(the C-STORE status, a note) on this association."""
+    arrival = activity.context.arrival
+    sop_class, syntax = arrival.sop_class_uid, arrival.transfer_syntax_uid
+    context_id = association.context_for(sop_class, (syntax,))
+    if context_id is not None:
+        code = association.c_store_file(
+            context_id, sop_class, arrival.sop_instance_uid, activity.context.object_path
+        )
+        return code, ""
     refused = PermanentError(f"{where} refused SOP class {sop_class} in transfer syntax {syntax}")
-    try:
-        association = Association.open(where, proposals)
-    except RequestorError as exc:
-        raise (TransientError if exc.transient else PermanentError)(str(exc)) from None
-    note = ""
-    try:
-        context_id = association.context_for(sop_class, (syntax,))
-        if context_id is not None:
-            code = association.c_store_file(
-                context_id, sop_class, arrival.sop_instance_uid, activity.context.object_path
-            )
-        else:
-            context_id = association.context_for(sop_class, UNCOMPRESSED) if compressed else None
-            if context_id is None:
-                raise refused
-            accepted = association.contexts[context_id].transfer_syntax
-            dataset = _decompressed(activity, accepted, refused)
-            code = association.c_store(
-                context_id, sop_class, arrival.sop_instance_uid, io.BytesIO(dataset)
-            )
-            note = f" (sent decompressed: the peer refused {syntax})"
-    except RequestorError as exc:
-        raise (TransientError if exc.transient else PermanentError)(str(exc)) from None
-    finally:
-        association.release()
-    return Outcome(None, _outcome(where, code) + note)
+    context_id = association.context_for(sop_class, UNCOMPRESSED) if compressed else None
+    if context_id is None:
+        raise refused
+    accepted = association.contexts[context_id].transfer_syntax
+    dataset = _decompressed(activity, accepted, refused)
+    code = association.c_store(context_id, sop_class, arrival.sop_instance_uid, io.BytesIO(dataset))
+    return code, f" (sent decompressed: the peer refused {syntax})"
 
 
 def _decompressed(activity: Activity, transfer_syntax: str, refused: PermanentError) -> bytes:

@@ -15,6 +15,7 @@ permanent rejection or a refused presentation context will not.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -92,10 +93,15 @@ class Association:
     operation at a time, as negotiated (no asynchronous operations window)."""
 
     def __init__(
-        self, destination: Destination, connection: socket.socket, acceptance: Acceptance
+        self,
+        destination: Destination,
+        connection: socket.socket,
+        acceptance: Acceptance,
+        proposed: frozenset[Proposal] = frozenset(),
     ) -> None:
         self.destination = destination
         self.contexts = acceptance.contexts
+        self.proposed = proposed  # what was asked for: a refused context stays refused here
         self._connection = connection
         peer_max = acceptance.peer_max_pdu
         self._fragment = (
@@ -129,7 +135,8 @@ class Association:
             pdu_type, body = _read_pdu(connection, deadline, pdu.MAX_CONTROL_PDU_BYTES)
             whole = pdu.PDU_HEADER.pack(pdu_type, len(body)) + body
             if pdu_type == pdu.A_ASSOCIATE_AC_PDU:
-                return cls(destination, connection, negotiation.decode_acceptance(whole, proposed))
+                acceptance = negotiation.decode_acceptance(whole, proposed)
+                return cls(destination, connection, acceptance, frozenset(proposals))
             if pdu_type == pdu.A_ASSOCIATE_RJ_PDU:
                 rejection = negotiation.decode_rejection(whole)
                 raise AssociationRejectedError(
@@ -162,6 +169,17 @@ class Association:
                 if context.abstract_syntax == abstract_syntax and context.transfer_syntax == syntax:
                     return context_id
         return None
+
+    def still_open(self) -> bool:
+        """False when the peer has closed or aborted an idle association (or sent something
+        unasked): it must not be used again."""
+        if self.closed:
+            return False
+        try:
+            readable, _, _ = select.select([self._connection], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     # ------------------------------------------------------------------ operations
     def c_store(

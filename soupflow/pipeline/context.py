@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,11 +46,47 @@ class Loop:
     index: int = 1
 
 
+class Messages(dict[str, str]):
+    """Activity messages by setting id. One can be deferred (`defer`): it is made when first
+    read, so a message nobody reads (a DICOM sender's) costs nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: dict[str, Callable[[], str]] = {}
+
+    def defer(self, key: str, make: Callable[[], str]) -> None:
+        super().pop(key, None)
+        self._pending[key] = make
+
+    def _resolve(self, key: str) -> None:
+        make = self._pending.pop(key, None)
+        if make is not None:
+            super().__setitem__(key, make())
+
+    def __getitem__(self, key: str) -> str:
+        self._resolve(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: str = "") -> str:  # type: ignore[override]
+        self._resolve(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pending or super().__contains__(key)
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._pending.pop(key, None)
+        super().__setitem__(key, value)
+
+
 class RunContext:
+    """One message's run. The DICOM message is made on first use (`message`): a workflow
+    that only forwards the received object never converts it."""
+
     def __init__(
         self,
         workflow: LoadedWorkflow,
-        message: dict[str, Any],
+        message: dict[str, Any] | Callable[[], dict[str, Any]],
         arrival: Arrival,
         object_path: Path,
         data_folder: Path,
@@ -60,14 +97,15 @@ class RunContext:
             raise PermanentError("the workflow has no receiver")
         self.workflow = workflow
         self.receiver_id = normalize_reference(receiver.id) or ""
-        self.message = message
+        self._message = message if isinstance(message, dict) else None
+        self._make_message = message if callable(message) else None
         self.arrival = arrival
         self.object_path = object_path
         self.data_folder = data_folder
         self.now = now or datetime.now(UTC)
         self.variables: dict[str, str] = {}
-        self.outbound: dict[str, str] = {}
-        self.inbound: dict[str, str] = {}
+        self.outbound = Messages()
+        self.inbound = Messages()
         self.loops: list[Loop] = []
         self._message_text: str | None = None
 
@@ -113,6 +151,18 @@ class RunContext:
             ) from None
 
     # ------------------------------------------------------------------------- messages
+    @property
+    def message(self) -> dict[str, Any]:
+        """The received object's DICOM message (made now if nothing needed it yet)."""
+        if self._message is None:
+            assert self._make_message is not None
+            self._message = self._make_message()
+        return self._message
+
+    @property
+    def message_converted(self) -> bool:
+        return self._message is not None
+
     @property
     def message_text(self) -> str:
         if self._message_text is None:

@@ -85,14 +85,18 @@ def _activity(
 ) -> None:
     if sender.disabled or not _host_passes(context, sender.filters, activity_id):
         return
-    context.outbound[activity_id] = context.expand(sender.message_template)
+    if sender.SENDS_ITS_MESSAGE or sender.transformers:
+        context.outbound[activity_id] = context.expand(sender.message_template)
+    else:  # it sends the received object: its message is made only if something reads it
+        template = sender.message_template
+        context.outbound.defer(activity_id, lambda: context.expand(template))
     _transform(context, sender.transformers, activity_id)
     if activity_id in done:
         return
     runner = RUNNERS.get(type(sender))
     if runner is None:
         raise PermanentError(f"{type(sender).__name__} activities are not run by this version yet")
-    activity = Activity(context, activity_id, context.outbound[activity_id], http, connections)
+    activity = Activity(context, activity_id, http, connections)
     outcome = runner(sender, activity)
     if outcome.response is not None:
         context.inbound[activity_id] = outcome.response

@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from soupflow.activities.dicom_sender import destination
+from soupflow.dicom.requestor import Destination
 from soupflow.ingest import Ingest
 from soupflow.receivers import RECEIVERS
 from soupflow.receivers.base import Receiver, ReceiverError
@@ -32,6 +34,7 @@ from soupflow.store import open_queue
 from soupflow.store.queue import Queue, State
 from soupflow.store.spool import Spool
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
+from soupflow.workflow.model import DicomSenderSetting
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,18 @@ class Runtime:
             self._apply(plan, unchanged)
             self._digests = digests
             listeners_file.write(self.data, self.rows)
+            if (
+                self.workers is not None
+            ):  # a changed or removed destination lets its associations go
+                self.workers.connections.associations.retain(self._destinations())
+
+    def _destinations(self) -> set[Destination]:
+        return {
+            destination(entry.setting)
+            for running in self.running.values()
+            for entry in running.loaded.entries
+            if isinstance(entry.setting, DicomSenderSetting)
+        }
 
     def _apply(self, plan: reconcile.Plan, unchanged: set[Path]) -> None:
         for workflow_id in plan.stop:

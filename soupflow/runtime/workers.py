@@ -207,6 +207,7 @@ class Workers:
                     self._held.pop(owner, None)
 
     def _expire(self, now: float) -> None:
+        self.connections.close_idle()  # also under load: another destination may be idle
         expired = self.queue.expire_leases(now)
         if expired:
             log.info("%d message(s) whose worker stopped are queued again", len(expired))
@@ -238,7 +239,11 @@ class Workers:
             return
         options = Options.from_setting(workflow.receiver.message_type_options)
         context = RunContext(
-            workflow, convert(object_path, arrival, options), arrival, object_path, self.data_folder
+            workflow,
+            lambda: convert(object_path, arrival, options),
+            arrival,
+            object_path,
+            self.data_folder,
         )
         done = {
             outcome.activity_id

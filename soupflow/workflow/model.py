@@ -460,6 +460,8 @@ class SenderSetting(Setting):
     KIND: ClassVar[str] = "sender"
     # Fields whose text is expanded with `${}` variables when the activity runs.
     TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = ("message_template",)
+    # False for the kinds that send the received object, not their activity message.
+    SENDS_ITS_MESSAGE: ClassVar[bool] = True
     disabled: Bool = Field(False, description="A disabled activity is skipped.")
     filters: Reference = Field(
         None, description="FilterHostSetting; false skips only this activity."
@@ -541,13 +543,30 @@ class DicomSenderSetting(SenderSetting):
     """C-STORE of the received object to a remote SCP."""
 
     TYPE_NAME: ClassVar[str] = "HL7Soup.Functions.Settings.Senders.DicomSenderSetting"
+    SENDS_ITS_MESSAGE: ClassVar[bool] = False
     type_: Str = _type_field(TYPE_NAME)
     message_type: MessageTypeField = Field(MessageType.DICOM, description="16 DICOM.")
     remote_host: Str = Field("127.0.0.1", description="Host of the remote SCP.")
     remote_port: Int = Field(104, ge=1, le=65535, description="Port of the remote SCP.")
     our_aet: Str = Field("HL7SOUP_SCU", description="Calling AE title.")
     remote_aet: Str = Field("ANY_SCP", description="Called AE title.")
-    timeout_seconds: Int = Field(30, ge=1, description="Association and DIMSE timeout.")
+    timeout_seconds: Int = Field(
+        30, ge=1, description="Deadline of each step: associate, one C-STORE, release."
+    )
+    keep_association_open_seconds: Int = Field(
+        15,
+        ge=0,
+        description="soupflow extension: keep an association open this long after its last "
+        "message and reuse it for the next ones to the same destination; 0 = one association "
+        "per message.",
+    )
+    max_associations: Int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="soupflow extension: associations open to this destination at once "
+        "(workers beyond it wait for one).",
+    )
 
 
 FrameCharacter = Annotated[Str | Int, Field(description="A character, or its code.")]
@@ -592,6 +611,7 @@ class StowRsSenderSetting(SenderSetting):
     """soupflow sender: DICOMweb STOW-RS of the received object."""
 
     TYPE_NAME: ClassVar[str] = "Soupflow.Senders.StowRsSenderSetting"
+    SENDS_ITS_MESSAGE: ClassVar[bool] = False
     TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = (
         "message_template",
         "base_url",
