@@ -145,7 +145,7 @@ def command(receiver: str, folder: Path, port: int, workers: int = 0) -> list[st
     return [storescp, "-od", str(folder / "out"), str(port)]
 
 
-def _ready(port: int, process: subprocess.Popen[bytes]) -> None:
+def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
     echoscu = shutil.which("echoscu")
     deadline = time.monotonic() + _READY_SECONDS
     while time.monotonic() < deadline:
@@ -234,7 +234,7 @@ def receiving(
         with log.open("wb") as output:
             process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=NODELAY)
         try:
-            _ready(port, process)
+            wait_ready(port, process)
             yield port, process.pid, log
         finally:
             process.terminate()

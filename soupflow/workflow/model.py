@@ -561,11 +561,12 @@ class DicomSenderSetting(SenderSetting):
         "per message.",
     )
     max_associations: Int = Field(
-        4,
+        1,
         ge=1,
         le=64,
-        description="soupflow extension: associations open to this destination at once "
-        "(workers beyond it wait for one).",
+        description="soupflow extension: associations open to this destination at once; "
+        "workers beyond it wait for one (many PACS serve one association per caller at a "
+        "time: raise it only for one that takes parallel associations).",
     )
 
 

@@ -1,0 +1,378 @@
+"""Delivery speed: routers forwarding what dcmtk's storescu sends, side by side in one run.
+
+    python -m bench.forward [--runs N] [--smoke] [--scenarios direct,orthanc,...]
+
+Each run sends the same CT-sized instances (bench.data.images) with storescu (TCP_NODELAY=1)
+and is timed from the first byte sent to the last file written at the destination (dcmtk
+storescp). Paths: storescu -> storescp directly; Orthanc's classic Lua autorouter
+(`OnStoredInstance`: `Delete(SendToModality(instanceId, 'dest'))`); soupflow with one
+`DicomSenderSetting` (default 2 workers); soupflow's ingest alone (`--workers 0`, timed to
+the last acknowledgement) for the ratio; soupflow fanning out to three storescp
+destinations. The sustained scenario runs four storescu associations in a loop for a fixed
+time into soupflow forwarding to storescp, samples the backlog (queued + processing) every
+half second, and draws it (a PNG). Medians of the runs; every process is fresh per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from bench.data import images
+from bench.ingest import NODELAY, free_port, wait_ready
+from soupflow.store.queue import Queue, State
+from soupflow.store.sqlite import SqliteQueue
+
+_RECEIVER_ID = "c0000000-0000-4000-8000-000000000001"
+_DEADLINE_SECONDS = 600.0
+SCENARIOS = ("direct", "orthanc", "soupflow", "ingest only", "fan-out", "sustained")
+
+
+def _count(folder: Path) -> int:
+    try:
+        return sum(1 for entry in os.scandir(folder) if entry.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+@contextmanager
+def process(argv: list[str], log: Path, port: int | None = None) -> Iterator[int]:
+    """A process, up (answering C-ECHO on `port` when given), stopped at the end; its pid."""
+    with log.open("wb") as output:
+        child = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=NODELAY)
+    try:
+        if port is not None:
+            wait_ready(port, child)
+        yield child.pid
+    finally:
+        child.terminate()
+        child.wait(timeout=60)
+
+
+@contextmanager
+def destination(folder: Path) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp writing into `folder`/out: (port, out)."""
+    storescp = shutil.which("storescp")
+    assert storescp is not None, "dcmtk's storescp is the destination of every scenario"
+    port, out = free_port(), folder / "out"
+    out.mkdir(parents=True)
+    with process([storescp, "-aet", "DEST", "-od", str(out), str(port)], folder / "scp.log", port):
+        yield port, out
+
+
+def storescu(port: int, files: list[Path], associations: int = 1) -> list[subprocess.Popen[bytes]]:
+    program = shutil.which("storescu")
+    assert program is not None, "dcmtk's storescu sends in every scenario"
+    shares = [files[index::associations] for index in range(associations)]
+    return [
+        subprocess.Popen(
+            [program, "-aec", "ROUTER", "127.0.0.1", str(port), *map(str, share)],
+            env=NODELAY,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for share in shares
+        if share
+    ]
+
+
+def _finish(senders: list[subprocess.Popen[bytes]]) -> None:
+    for sender in senders:
+        _, errors = sender.communicate(timeout=_DEADLINE_SECONDS)
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
+
+
+def _wait_files(outs: list[Path], count: int, log: Path | None = None) -> None:
+    deadline = time.monotonic() + _DEADLINE_SECONDS
+    while any(_count(out) < count for out in outs):
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-1500:] if log else ""
+            raise RuntimeError(f"{[_count(out) for out in outs]} of {count} delivered\n{tail}")
+        time.sleep(0.005)
+
+
+def soupflow_command(folder: Path, port: int, targets: list[int], workers: int) -> list[str]:
+    """`soupflow run` with one workflow forwarding by C-STORE to each of `targets`."""
+    senders = [
+        {
+            "$type": "HL7Soup.Functions.Settings.Senders.DicomSenderSetting, HL7SoupWorkflow",
+            "Id": f"c0000000-0000-4000-8000-{number + 2:012d}",
+            "Name": f"PACS {number + 1}",
+            "RemoteHost": "127.0.0.1",
+            "RemotePort": target,
+            "RemoteAET": "DEST",
+            "OurAET": "SOUPFLOW",
+        }
+        for number, target in enumerate(targets)
+    ]
+    receiver = {
+        "$type": "HL7Soup.Functions.Settings.Receivers.DicomReceiverSetting, HL7SoupWorkflow",
+        "Id": _RECEIVER_ID,
+        "Port": port,
+        "OurAET": "ROUTER",
+        "AcceptedCallingAETs": "*",
+        "MaxAssociations": 16,
+        "Activities": [sender["Id"] for sender in senders],
+    }
+    workflows = folder / "workflows"
+    workflows.mkdir()
+    document = {
+        "Name": "forward",
+        "WorkflowId": _RECEIVER_ID,
+        "WorkflowPattern": [receiver, *senders],
+    }
+    (workflows / "forward.json").write_text(json.dumps(document), encoding="utf-8")
+    return [
+        sys.executable,
+        "-m",
+        "soupflow",
+        "run",
+        "--workflows",
+        str(workflows),
+        "--data",
+        str(folder / "data"),
+        "--workers",
+        str(workers),
+    ]
+
+
+def orthanc_command(folder: Path, port: int, target: int) -> list[str] | None:
+    program = shutil.which("Orthanc")
+    if program is None:
+        return None
+    script = folder / "autorouter.lua"
+    script.write_text(
+        "function OnStoredInstance(instanceId, tags, metadata, origin)\n"
+        "  Delete(SendToModality(instanceId, 'dest'))\n"
+        "end\n",
+        encoding="utf-8",
+    )
+    config = folder / "orthanc.json"
+    config.write_text(
+        json.dumps(
+            {
+                "StorageDirectory": str(folder / "storage"),
+                "IndexDirectory": str(folder / "index"),
+                "HttpPort": free_port(),
+                "DicomPort": port,
+                "DicomAet": "ROUTER",
+                "RemoteAccessAllowed": False,
+                "DicomCheckCalledAet": False,
+                "Plugins": [],
+                "DicomThreadsCount": 4,
+                "DicomModalities": {"dest": ["DEST", "127.0.0.1", target]},
+                "LuaScripts": [str(script)],
+            }
+        ),
+        encoding="utf-8",
+    )
+    return [program, str(config)]
+
+
+def forwarding(kind: str, files: list[Path], work: Path, fan_out: int = 1) -> float | None:
+    """Instances per second from the first byte sent to the last file at every destination."""
+    with tempfile.TemporaryDirectory(dir=work) as name, ExitStack() as stack:
+        folder = Path(name)
+        targets = [stack.enter_context(destination(folder / f"dest{n}")) for n in range(fan_out)]
+        outs = [out for _, out in targets]
+        if kind == "direct":
+            start = time.perf_counter()
+            _finish(storescu(targets[0][0], files))
+            _wait_files(outs, len(files))
+            return len(files) / (time.perf_counter() - start)
+        port = free_port()
+        log = folder / "router.log"
+        if kind == "orthanc":
+            argv = orthanc_command(folder, port, targets[0][0])
+            if argv is None:
+                return None
+        else:
+            workers = 0 if kind == "ingest only" else 2
+            argv = soupflow_command(folder, port, [p for p, _ in targets], workers)
+        stack.enter_context(process(argv, log, port))
+        start = time.perf_counter()
+        _finish(storescu(port, files))
+        if kind == "ingest only":
+            return len(files) / (time.perf_counter() - start)
+        _wait_files(outs, len(files), log)
+        return len(files) / (time.perf_counter() - start)
+
+
+def sustained(
+    files: list[Path], seconds: float, work: Path
+) -> tuple[list[tuple[float, int]], float, int]:
+    """Four storescu associations sending `files` over and over for `seconds` into soupflow
+    forwarding to storescp: the backlog over time, the seconds from the last store to an
+    empty queue, and the instances sent."""
+    with tempfile.TemporaryDirectory(dir=work) as name, ExitStack() as stack:
+        folder = Path(name)
+        target, _ = stack.enter_context(destination(folder / "dest"))
+        port = free_port()
+        argv = soupflow_command(folder, port, [target], workers=2)
+        log = folder / "router.log"
+        stack.enter_context(process(argv, log, port))
+        queue = SqliteQueue(folder / "data")
+        stack.callback(queue.close)
+        samples: list[tuple[float, int]] = []
+        start = time.perf_counter()
+        running: list[subprocess.Popen[bytes]] = []
+        sent = 0
+        next_sample = start
+        while True:
+            now = time.perf_counter()
+            sending = now - start < seconds
+            for sender in [s for s in running if s.poll() is not None]:
+                running.remove(sender)
+                if sender.returncode != 0:
+                    raise RuntimeError("storescu failed during the sustained load")
+            while sending and len(running) < 4:
+                running += storescu(port, files)
+                sent += len(files)
+            if now >= next_sample:
+                samples.append((now - start, _backlog(queue)))
+                next_sample += 0.5
+            if not sending and not running:
+                break
+            time.sleep(0.01)
+        last_store = time.perf_counter()
+        deadline = last_store + _DEADLINE_SECONDS
+        while _backlog(queue) > 0 and time.perf_counter() < deadline:
+            now = time.perf_counter()
+            if now >= next_sample:
+                samples.append((now - start, _backlog(queue)))
+                next_sample += 0.5
+            time.sleep(0.01)
+        drained = time.perf_counter() - last_store
+        samples.append((time.perf_counter() - start, _backlog(queue)))
+        return samples, drained, sent
+
+
+def _backlog(queue: Queue) -> int:
+    return sum(
+        entry.by_state.get(State.QUEUED, 0) + entry.by_state.get(State.PROCESSING, 0)
+        for entry in queue.counts()
+    )
+
+
+def chart(samples: list[tuple[float, int]], sending_seconds: float, path: Path) -> None:
+    """The backlog over time as a PNG (Pillow: already a dependency, for decompression)."""
+    width, height, margin = 800, 360, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    last = max(time for time, _ in samples) or 1.0
+    peak = max(1, *(count for _, count in samples))
+
+    def point(time: float, count: int) -> tuple[float, float]:
+        x = margin + (width - 2 * margin) * time / last
+        y = height - margin - (height - 2 * margin) * count / peak
+        return x, y
+
+    draw.rectangle([point(0, peak), point(min(sending_seconds, last), 0)], fill=(235, 242, 255))
+    draw.line([point(0, 0), point(last, 0)], fill="black")
+    draw.line([point(0, 0), point(0, peak)], fill="black")
+    draw.line([point(time, count) for time, count in samples], fill=(200, 40, 40), width=2)
+    draw.text(
+        (margin, 10),
+        "soupflow backlog (queued + processing) under 4 storescu associations",
+        fill="black",
+    )
+    draw.text(
+        (margin, height - margin + 8),
+        f"0 s ... {last:.0f} s (shaded: senders running)",
+        fill="black",
+    )
+    draw.text((4, margin - 10), f"{peak}", fill="black")
+    image.save(path)
+
+
+def main(arguments: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="a few small instances")
+    parser.add_argument(
+        "--scenarios", default="", help="comma-separated subset of: " + ", ".join(SCENARIOS)
+    )
+    parser.add_argument(
+        "--chart", type=Path, default=Path("bench/backlog.png"), help="where the backlog chart goes"
+    )
+    args = parser.parse_args(arguments)
+    wanted = [name for name in args.scenarios.split(",") if name] or list(SCENARIOS)
+    report: Callable[..., None] = partial(print, file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="soupflow-forward-") as name:
+        work = Path(name)
+        if args.smoke:
+            files, runs, load_seconds = images(work / "ct", 6, 64, 64), 1, 3.0
+        else:
+            files, runs, load_seconds = images(work / "ct", 200, 512, 512), args.runs, 60.0
+        rates: dict[str, list[float]] = {}
+        for number in range(runs):
+            order = [kind for kind in SCENARIOS[:5] if kind in wanted]
+            for kind in order if number % 2 == 0 else reversed(order):
+                measured = forwarding(kind, files, work, fan_out=3 if kind == "fan-out" else 1)
+                if measured is not None:
+                    rates.setdefault(kind, []).append(measured)
+            report(f"run {number + 1} of {runs} done")
+        lines = _table(rates, len(files))
+        if "sustained" in wanted:
+            samples, drained, sent = sustained(files, load_seconds, work)
+            chart(samples, load_seconds, args.chart)
+            peak = max(count for _, count in samples)
+            lines += [
+                "",
+                "| sustained load (4 storescu associations, soupflow forwarding to storescp) | value |",
+                "|---|---:|",
+                f"| sending for | {load_seconds:.0f} s |",
+                f"| instances sent | {sent} ({sent / load_seconds:,.0f} inst/s offered) |",
+                f"| largest backlog (queued + processing) | {peak} |",
+                f"| backlog at the end of sending | {_at(samples, load_seconds)} |",
+                f"| empty after the last store | {drained:.1f} s |",
+                f"| chart | {args.chart} |",
+            ]
+            report("sustained done")
+    print("\n".join(lines))
+    return lines
+
+
+def _at(samples: list[tuple[float, int]], moment: float) -> int:
+    before = [count for time, count in samples if time <= moment]
+    return before[-1] if before else 0
+
+
+def _table(rates: dict[str, list[float]], count: int) -> list[str]:
+    names = {
+        "direct": "storescu -> storescp directly (no router)",
+        "orthanc": "Orthanc, Lua autorouter (SendToModality, then Delete)",
+        "soupflow": "soupflow, one DicomSenderSetting (2 workers)",
+        "ingest only": "soupflow ingest alone (--workers 0, to the last ACK)",
+        "fan-out": "soupflow, three DicomSenderSettings (all three delivered)",
+    }
+    ours = statistics.median(rates["soupflow"]) if "soupflow" in rates else None
+    lines = [
+        f"| path ({count} CT-sized instances, 1 association in) | inst/s (median) | soupflow forwarding / this |",
+        "|---|---:|---:|",
+    ]
+    for kind, label in names.items():
+        if kind not in rates:
+            continue
+        rate = statistics.median(rates[kind])
+        ratio = f"{ours / rate:.2f}" if ours else ""
+        lines.append(f"| {label} | {rate:,.0f} | {ratio} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
