@@ -39,10 +39,17 @@ def check_object(received: ReceivedObject) -> int | None:
 class Ingest:
     """Check the object, commit it to the spool, enqueue it, choose the status."""
 
-    def __init__(self, spool: Spool, queue: Queue, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        queue: Queue,
+        clock: Callable[[], float] = time.time,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
         self.spool = spool
         self.queue = queue
         self.clock = clock
+        self.on_queued = on_queued  # the workers' wake-up
 
     def store(
         self,
@@ -124,6 +131,7 @@ class Ingest:
                 workflow_id,
             )
             return status.SUCCESS
+        self.on_queued()
         log.info(
             "stored SOPInstanceUID %s as RequestId %s (%d bytes)",
             sop_instance_uid,

@@ -41,6 +41,8 @@ class Counting:
     aborted: int = 0
     stored: list[str] = field(default_factory=list)
     abort_on: set[int] = field(default_factory=set)  # abort at these store numbers (1-based)
+    hold_after: int | None = None  # stores after this many wait for `gate` (a stalled PACS)
+    gate: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -50,6 +52,8 @@ def counting_scp() -> Iterator[Counting]:
     seen = Counting()
 
     def on_store(event: Any) -> int:
+        if seen.hold_after is not None and len(seen.stored) >= seen.hold_after:
+            seen.gate.wait(timeout=30)
         with seen.lock:
             number = len(seen.stored) + 1
             if number in seen.abort_on:
@@ -255,6 +259,7 @@ def test_kill_9_during_forwarding_loses_nothing_acknowledged(tmp_path: Path) -> 
     files = images(tmp_path / "send", 150, 128, 128)
     uids = {str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in files}
     with counting_scp() as pacs:
+        pacs.hold_after = 20  # the 21st store stalls: the kill lands while it is in flight
         document = forwarding(pacs.port)
         runtime = start(tmp_path, document, "--workers", "2")
         for batch in (files[:75], files[75:]):  # all acknowledged
@@ -262,6 +267,8 @@ def test_kill_9_during_forwarding_loses_nothing_acknowledged(tmp_path: Path) -> 
         wait_for(lambda: len(pacs.stored) >= 20, "forwarding to be under way")
         runtime.kill()
         assert len(pacs.stored) < 150, "the kill did not land during forwarding"
+        pacs.hold_after = None
+        pacs.gate.set()
         restarted = RuntimeProcess(tmp_path / "workflows", tmp_path / "data", "--workers", "2")
         messages = all_final(tmp_path / "data", 150)
         restarted.terminate()

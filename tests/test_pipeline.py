@@ -73,6 +73,8 @@ def run(
             client,
             connections or Connections(),
         )
+    if result.unrecorded is not None:  # the caller writes the last success with the end
+        recorded.append(result.unrecorded[0])
     return result, recorded
 
 

@@ -427,3 +427,30 @@ def test_concurrent_enqueues_are_each_committed_and_a_bad_one_fails_alone(queue:
     assert sorted(m.arrival.request_id for m in queue.messages()) == [
         f"request-{n:03d}" for n in range(200)
     ]
+
+
+def test_the_last_outcome_is_written_with_the_end_of_the_attempt(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    queue.enqueue(arrival(2))
+    queue.lease("worker-1", T0 + 10, LEASE)
+    queue.finish(
+        "request-001",
+        "worker-1",
+        State.COMPLETED,
+        T0 + 11,
+        outcomes=(ActivityOutcome("pacs", True, "C-STORE 0x0000 Success", T0 + 11),),
+    )
+    assert [(o.activity_id, o.detail) for o in queue.activity_outcomes("request-001")] == [
+        ("pacs", "C-STORE 0x0000 Success")
+    ]
+    queue.lease("worker-1", T0 + 12, LEASE)
+    queue.retry(
+        "request-002",
+        "worker-1",
+        T0 + 13,
+        T0 + 20,
+        "HTTP 503",
+        "webhook",
+        outcomes=(ActivityOutcome("pacs", True, "C-STORE 0x0000 Success", T0 + 13),),
+    )
+    assert [o.activity_id for o in queue.activity_outcomes("request-002")] == ["pacs"]

@@ -40,6 +40,25 @@ class Result:
     state: Ending
     error: ActivityError | None = None
     activity_id: str | None = None  # where it failed (RECEIVER_STEP before any activity)
+    # The last success, not recorded yet: the caller writes it with the message's end, in
+    # one transaction (every earlier one was recorded before the next activity ran).
+    unrecorded: tuple[str, str] | None = None
+
+
+class _Progress:
+    """Each success is recorded before the next activity runs; the last waits for the end."""
+
+    def __init__(self, record: Callable[[str, str], None]) -> None:
+        self.record = record
+        self.pending: tuple[str, str] | None = None
+
+    def before_activity(self) -> None:
+        if self.pending is not None:
+            self.record(*self.pending)
+            self.pending = None
+
+    def succeeded(self, activity_id: str, detail: str) -> None:
+        self.pending = (activity_id, detail)
 
 
 def run_message(
@@ -49,11 +68,13 @@ def run_message(
     http: httpx.Client,
     connections: Connections,
 ) -> Result:
-    """Run the workflow for one message; `succeeded(activity_id, detail)` records progress."""
+    """Run the workflow for one message; `succeeded(activity_id, detail)` records progress
+    durably before the next activity runs (the last success comes back in the Result)."""
     workflow = context.workflow
     receiver = workflow.receiver
     assert receiver is not None  # RunContext refuses a workflow without one
     step = RECEIVER_STEP
+    progress = _Progress(succeeded)
     try:
         if not _host_passes(context, receiver.filters, None):
             return Result(Ending.FILTERED)
@@ -68,10 +89,10 @@ def run_message(
             ):
                 continue
             step = activity_id
-            _activity(context, activity_id, entry.setting, done, succeeded, http, connections)
+            _activity(context, activity_id, entry.setting, done, progress, http, connections)
     except ActivityError as exc:
-        return Result(Ending.FAILED, exc, step)
-    return Result(Ending.COMPLETED)
+        return Result(Ending.FAILED, exc, step, progress.pending)
+    return Result(Ending.COMPLETED, unrecorded=progress.pending)
 
 
 def _activity(
@@ -79,7 +100,7 @@ def _activity(
     activity_id: str,
     sender: model.SenderSetting,
     done: Collection[str],
-    succeeded: Callable[[str, str], None],
+    progress: _Progress,
     http: httpx.Client,
     connections: Connections,
 ) -> None:
@@ -96,11 +117,11 @@ def _activity(
     runner = RUNNERS.get(type(sender))
     if runner is None:
         raise PermanentError(f"{type(sender).__name__} activities are not run by this version yet")
-    activity = Activity(context, activity_id, http, connections)
-    outcome = runner(sender, activity)
+    progress.before_activity()
+    outcome = runner(sender, Activity(context, activity_id, http, connections))
     if outcome.response is not None:
         context.inbound[activity_id] = outcome.response
-    succeeded(activity_id, outcome.detail)
+    progress.succeeded(activity_id, outcome.detail)
 
 
 def _host_passes(context: RunContext, reference: str | None, activity_id: str | None) -> bool:

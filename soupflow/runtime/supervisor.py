@@ -102,7 +102,7 @@ class Runtime:
         for message in recovered:
             if message.state == State.DEAD:
                 log.error("message %s is dead: %s", message.request_id, message.reason)
-        self._ingest = Ingest(spool, self.queue)
+        self._ingest = Ingest(spool, self.queue, on_queued=self._wake_workers)
         self.reload()
         self.workers = Workers(
             self.queue,
@@ -114,6 +114,10 @@ class Runtime:
             keep_objects=self.keep_objects,
         )
         self.workers.start()
+
+    def _wake_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.wake()
 
     # --------------------------------------------------------------------------- reload
     def reload(self) -> None:

@@ -119,9 +119,14 @@ class Workers:
         self.http = http if http is not None else httpx.Client()
         self.connections = Connections()
         self._stopping = threading.Event()
+        self._work = threading.Event()  # set when a message was queued in this process
         self._threads: list[threading.Thread] = []
         self._held: dict[str, str] = {}  # owner -> request id of the message it works on
         self._held_lock = threading.Lock()
+
+    def wake(self) -> None:
+        """A message was just queued: idle workers look at once (others poll the queue)."""
+        self._work.set()
 
     def owner(self, number: int) -> str:
         node, _, boot = self.owner_prefix.partition("/")
@@ -145,6 +150,7 @@ class Workers:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the messages in progress (bounded by `timeout`), then stop."""
         self._stopping.set()
+        self._work.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0))
@@ -185,7 +191,8 @@ class Workers:
                 message = None
             if message is None:
                 self.connections.close_idle()
-                self._stopping.wait(_IDLE_SECONDS)
+                self._work.wait(_IDLE_SECONDS)  # woken by `wake`; a runtime elsewhere is polled
+                self._work.clear()
                 continue
             with self._held_lock:
                 self._held[owner] = message.request_id
@@ -271,8 +278,12 @@ class Workers:
         self, message: Message, owner: str, workflow: LoadedWorkflow, result: Result
     ) -> None:
         request_id, now = message.request_id, self.clock()
+        outcomes: tuple[ActivityOutcome, ...] = ()
+        if result.unrecorded is not None:
+            activity_id, detail = result.unrecorded
+            outcomes = (ActivityOutcome(activity_id, True, detail, now),)
         if result.state != Ending.FAILED:
-            self.queue.finish(request_id, owner, State(result.state), now)
+            self.queue.finish(request_id, owner, State(result.state), now, outcomes=outcomes)
             if not self.keep_objects:
                 self.spool.remove(request_id)
             log.info(
@@ -290,7 +301,9 @@ class Workers:
         attempt = message.attempts + 1
         if isinstance(error, TransientError) and attempt < policy.max_attempts:
             delay = policy.delay(attempt)
-            self.queue.retry(request_id, owner, now, now + delay, str(error), activity)
+            self.queue.retry(
+                request_id, owner, now, now + delay, str(error), activity, outcomes=outcomes
+            )
             log.warning(
                 "message %s: %s failed (attempt %d of %d): %s; retry in %.0f s",
                 request_id,
@@ -306,7 +319,7 @@ class Workers:
             if not isinstance(error, TransientError)
             else f"{error} (gave up after {attempt} attempts)"
         )
-        self._dead(message, owner, workflow, activity, reason, error.detail)
+        self._dead(message, owner, workflow, activity, reason, error.detail, outcomes)
 
     def _dead(
         self,
@@ -316,6 +329,7 @@ class Workers:
         activity: str,
         reason: str,
         detail: str = "",
+        outcomes: tuple[ActivityOutcome, ...] = (),
     ) -> None:
         """Dead: the reason goes to the log and the record; `detail` (may hold PHI) to the record only."""
         recorded = f"{reason}\n{detail}" if detail else reason
@@ -326,6 +340,7 @@ class Workers:
             self.clock(),
             reason=recorded,
             failed_activity=activity,
+            outcomes=outcomes,
         )
         log.error(
             "message %s (SOPInstanceUID %s) is dead at %s: %s",

@@ -138,8 +138,10 @@ class Queue(Protocol):
         now: float,
         reason: str | None = None,
         failed_activity: str | None = None,
+        outcomes: tuple[ActivityOutcome, ...] = (),
     ) -> None:
-        """End an attempt: completed, filtered or dead (with reason and activity)."""
+        """End an attempt: completed, filtered or dead (with reason and activity), recording
+        `outcomes` in the same transaction."""
 
     def retry(
         self,
@@ -149,8 +151,10 @@ class Queue(Protocol):
         next_attempt_at: float,
         reason: str,
         failed_activity: str | None,
+        outcomes: tuple[ActivityOutcome, ...] = (),
     ) -> None:
-        """End a failed attempt: queued again at `next_attempt_at`, attempts + 1."""
+        """End a failed attempt: queued again at `next_attempt_at`, attempts + 1, recording
+        `outcomes` in the same transaction."""
 
     def expire_leases(self, now: float) -> list[Message]:
         """Messages whose lease ran out go back to queued (or dead, at the
