@@ -42,7 +42,8 @@ test: lint peers
 # Speed measured side by side with a baseline in one run (see BENCHMARKS.md).
 bench: $(STAMP) peers
 	$(BIN)/python -m bench.message
-	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.ingest --runs 2
+	$(BIN)/python -m bench.forward
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -4,11 +4,13 @@
 
 Each run sends the same CT-sized instances (bench.data.images) with storescu (TCP_NODELAY=1)
 and is timed from the first byte sent to the last file written at the destination (dcmtk
-storescp). Paths: storescu -> storescp directly; Orthanc's classic Lua autorouter
+storescp; for STOW-RS, Orthanc's DICOMweb plugin). Paths: storescu -> storescp directly; Orthanc's classic Lua autorouter
 (`OnStoredInstance`: `Delete(SendToModality(instanceId, 'dest'))`); soupflow with one
 `DicomSenderSetting` (default 2 workers); soupflow's ingest alone (`--workers 0`, timed to
 the last acknowledgement) for the ratio; soupflow fanning out to three storescp
-destinations. The sustained scenario runs four storescu associations in a loop for a fixed
+destinations; STOW-RS to an Orthanc archive from soupflow's STOW-RS sender and from Orthanc's
+own DICOMweb client (what an Orthanc user would do: a Lua `OnStoredInstance` that POSTs
+`/dicom-web/servers/dest/stow` for the instance, then deletes it). The sustained scenario runs four storescu associations in a loop for a fixed
 time into soupflow forwarding to storescp, samples the backlog (queued + processing) every
 half second, and draws it (a PNG). Medians of the runs; every process is fresh per run.
 """
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -38,7 +41,19 @@ from soupflow.store.sqlite import SqliteQueue
 
 _RECEIVER_ID = "c0000000-0000-4000-8000-000000000001"
 _DEADLINE_SECONDS = 600.0
-SCENARIOS = ("direct", "orthanc", "soupflow", "ingest only", "fan-out", "sustained")
+SCENARIOS = (
+    "direct",
+    "orthanc",
+    "soupflow",
+    "ingest only",
+    "fan-out",
+    "stow orthanc",
+    "stow orthanc series",
+    "stow soupflow",
+    "sustained",
+)
+_ROUTES = SCENARIOS[:-1]  # the ones timed as a rate
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def _count(folder: Path) -> int:
@@ -105,9 +120,12 @@ def _wait_files(outs: list[Path], count: int, log: Path | None = None) -> None:
         time.sleep(0.005)
 
 
-def soupflow_command(folder: Path, port: int, targets: list[int], workers: int) -> list[str]:
-    """`soupflow run` with one workflow forwarding by C-STORE to each of `targets`."""
-    senders = [
+def soupflow_command(
+    folder: Path, port: int, targets: list[int], workers: int, stow_url: str | None = None
+) -> list[str]:
+    """`soupflow run` with one workflow forwarding by C-STORE to each of `targets` (or by
+    STOW-RS to `stow_url`)."""
+    senders: list[dict[str, object]] = [
         {
             "$type": "HL7Soup.Functions.Settings.Senders.DicomSenderSetting, HL7SoupWorkflow",
             "Id": f"c0000000-0000-4000-8000-{number + 2:012d}",
@@ -119,6 +137,15 @@ def soupflow_command(folder: Path, port: int, targets: list[int], workers: int) 
         }
         for number, target in enumerate(targets)
     ]
+    if stow_url is not None:
+        senders = [
+            {
+                "$type": "Soupflow.Senders.StowRsSenderSetting, Soupflow",
+                "Id": "c0000000-0000-4000-8000-000000000009",
+                "Name": "DICOMweb archive",
+                "BaseUrl": stow_url,
+            }
+        ]
     receiver = {
         "$type": "HL7Soup.Functions.Settings.Receivers.DicomReceiverSetting, HL7SoupWorkflow",
         "Id": _RECEIVER_ID,
@@ -150,41 +177,128 @@ def soupflow_command(folder: Path, port: int, targets: list[int], workers: int) 
     ]
 
 
-def orthanc_command(folder: Path, port: int, target: int) -> list[str] | None:
+def orthanc_command(
+    folder: Path,
+    port: int,
+    target: int | None,
+    http_port: int | None = None,
+    stow_url: str | None = None,
+    per_series: bool = False,
+) -> list[str] | None:
+    """Orthanc as a router: its Lua autorouter sends each stored instance to `target` by
+    C-STORE, or to `stow_url` with its DICOMweb client (`per_series`: one STOW-RS job per
+    series once it is stable, StableAge 1 s); with neither it is a plain archive with
+    DICOMweb (the STOW-RS destination)."""
     program = shutil.which("Orthanc")
-    if program is None:
+    if program is None or (
+        (stow_url is not None or target is None) and not DICOMWEB_PLUGIN.exists()
+    ):
         return None
     script = folder / "autorouter.lua"
-    script.write_text(
-        "function OnStoredInstance(instanceId, tags, metadata, origin)\n"
-        "  Delete(SendToModality(instanceId, 'dest'))\n"
-        "end\n",
-        encoding="utf-8",
-    )
-    config = folder / "orthanc.json"
-    config.write_text(
-        json.dumps(
-            {
-                "StorageDirectory": str(folder / "storage"),
-                "IndexDirectory": str(folder / "index"),
-                "HttpPort": free_port(),
-                "DicomPort": port,
-                "DicomAet": "ROUTER",
-                "RemoteAccessAllowed": False,
-                "DicomCheckCalledAet": False,
-                "Plugins": [],
-                "DicomThreadsCount": 4,
-                "DicomModalities": {"dest": ["DEST", "127.0.0.1", target]},
-                "LuaScripts": [str(script)],
-            }
-        ),
-        encoding="utf-8",
-    )
-    return [program, str(config)]
+    if stow_url is not None and per_series:
+        script.write_text(
+            "function OnStableSeries(seriesId, tags, metadata)\n"
+            "  RestApiPost('/dicom-web/servers/dest/stow', '{\"Resources\":[\"' .. seriesId .. '\"]}')\n"
+            "  Delete(seriesId)\n"
+            "end\n",
+            encoding="utf-8",
+        )
+    if stow_url is not None and not per_series:
+        send = (
+            "  RestApiPost('/dicom-web/servers/dest/stow', '{\"Resources\":[\"' .. instanceId .. '\"]}')\n"
+            "  Delete(instanceId)\n"
+        )
+    else:
+        send = "  Delete(SendToModality(instanceId, 'dest'))\n"
+    if not per_series:
+        script.write_text(
+            f"function OnStoredInstance(instanceId, tags, metadata, origin)\n{send}end\n",
+            encoding="utf-8",
+        )
+    config: dict[str, object] = {
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "HttpPort": http_port or free_port(),
+        "DicomPort": port,
+        "DicomAet": "ROUTER",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+        "DicomThreadsCount": 4,
+        "StableAge": 1,
+    }
+    if target is not None:
+        config.update(DicomModalities={"dest": ["DEST", "127.0.0.1", target]})
+    if stow_url is not None or target is None:
+        dicomweb: dict[str, object] = {"Enable": True, "Root": "/dicom-web/"}
+        if stow_url is not None:
+            dicomweb["Servers"] = {"dest": [stow_url + "/"]}
+        config.update(Plugins=[str(DICOMWEB_PLUGIN)], DicomWeb=dicomweb)
+    if target is not None or stow_url is not None:
+        config["LuaScripts"] = [str(script)]
+    (folder / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
+    return [program, str(folder / "orthanc.json")]
+
+
+@contextmanager
+def dicomweb_archive(folder: Path) -> Iterator[tuple[str, Callable[[], int]] | None]:
+    """Orthanc with its DICOMweb plugin, the STOW-RS destination: (its DICOMweb base URL,
+    how many instances it holds), or None when it is not installed."""
+    folder.mkdir(parents=True)
+    http_port = free_port()
+    argv = orthanc_command(folder, free_port(), None, http_port)
+    if argv is None:
+        yield None
+        return
+    base = f"http://127.0.0.1:{http_port}"
+
+    def count() -> int:
+        try:
+            with urllib.request.urlopen(f"{base}/statistics", timeout=10) as response:
+                return int(json.loads(response.read())["CountInstances"])
+        except OSError:
+            return -1
+
+    with process(argv, folder / "archive.log"):
+        deadline = time.monotonic() + 30
+        while count() < 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the DICOMweb archive did not answer")
+            time.sleep(0.05)
+        yield f"{base}/dicom-web", count
+
+
+def stow_forwarding(kind: str, files: list[Path], work: Path) -> float | None:
+    """Instances per second from the first byte sent to the last instance in the archive."""
+    with tempfile.TemporaryDirectory(dir=work) as name, ExitStack() as stack:
+        folder = Path(name)
+        archive = stack.enter_context(dicomweb_archive(folder / "archive"))
+        if archive is None:
+            return None
+        url, count = archive
+        port = free_port()
+        if kind.startswith("stow orthanc"):
+            argv = orthanc_command(folder, port, None, stow_url=url, per_series="series" in kind)
+            assert argv is not None
+        else:
+            argv = soupflow_command(folder, port, [], workers=2, stow_url=url)
+        log = folder / "router.log"
+        stack.enter_context(process(argv, log, port))
+        start = time.perf_counter()
+        _finish(storescu(port, files))
+        deadline = time.monotonic() + _DEADLINE_SECONDS
+        while count() < len(files):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count()} of {len(files)} stored\n{log.read_text()[-1500:]}")
+            time.sleep(0.02)
+        return len(files) / (time.perf_counter() - start)
 
 
 def forwarding(kind: str, files: list[Path], work: Path, fan_out: int = 1) -> float | None:
     """Instances per second from the first byte sent to the last file at every destination."""
+    if kind.startswith("stow"):
+        return stow_forwarding(kind, files, work)
     with tempfile.TemporaryDirectory(dir=work) as name, ExitStack() as stack:
         folder = Path(name)
         targets = [stack.enter_context(destination(folder / f"dest{n}")) for n in range(fan_out)]
@@ -237,8 +351,7 @@ def sustained(
             sending = now - start < seconds
             for sender in [s for s in running if s.poll() is not None]:
                 running.remove(sender)
-                if sender.returncode != 0:
-                    raise RuntimeError("storescu failed during the sustained load")
+                _finish([sender])  # reads what it said, closes its pipe, checks its exit
             while sending and len(running) < 4:
                 running += storescu(port, files)
                 sent += len(files)
@@ -320,9 +433,11 @@ def main(arguments: list[str] | None = None) -> list[str]:
             files, runs, load_seconds = images(work / "ct", 200, 512, 512), args.runs, 60.0
         rates: dict[str, list[float]] = {}
         for number in range(runs):
-            order = [kind for kind in SCENARIOS[:5] if kind in wanted]
+            order = [kind for kind in _ROUTES if kind in wanted]
             for kind in order if number % 2 == 0 else reversed(order):
-                measured = forwarding(kind, files, work, fan_out=3 if kind == "fan-out" else 1)
+                # Orthanc's per-instance STOW-RS runs at a few instances a second: fewer of them
+                sent = files[: max(len(files) // 10, 2)] if kind == "stow orthanc" else files
+                measured = forwarding(kind, sent, work, fan_out=3 if kind == "fan-out" else 1)
                 if measured is not None:
                     rates.setdefault(kind, []).append(measured)
             report(f"run {number + 1} of {runs} done")
@@ -359,16 +474,20 @@ def _table(rates: dict[str, list[float]], count: int) -> list[str]:
         "soupflow": "soupflow, one DicomSenderSetting (2 workers)",
         "ingest only": "soupflow ingest alone (--workers 0, to the last ACK)",
         "fan-out": "soupflow, three DicomSenderSettings (all three delivered)",
+        "stow orthanc": "Orthanc, Lua: its DICOMweb client's STOW-RS per instance, then Delete",
+        "stow orthanc series": "Orthanc, Lua: one STOW-RS job per stable series (StableAge 1 s)",
+        "stow soupflow": "soupflow, one StowRsSenderSetting (2 workers)",
     }
-    ours = statistics.median(rates["soupflow"]) if "soupflow" in rates else None
     lines = [
-        f"| path ({count} CT-sized instances, 1 association in) | inst/s (median) | soupflow forwarding / this |",
+        f"| path ({count} CT-sized instances, 1 association in) | inst/s (median) | soupflow / this |",
         "|---|---:|---:|",
     ]
     for kind, label in names.items():
         if kind not in rates:
             continue
         rate = statistics.median(rates[kind])
+        ours_kind = "stow soupflow" if kind.startswith("stow") else "soupflow"
+        ours = statistics.median(rates[ours_kind]) if ours_kind in rates else None
         ratio = f"{ours / rate:.2f}" if ours else ""
         lines.append(f"| {label} | {rate:,.0f} | {ratio} |")
     return lines

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench import ingest, message
+from pathlib import Path
+
+from bench import forward, ingest, message
 
 
 def test_message_benchmark_smoke() -> None:
@@ -25,3 +27,15 @@ def test_ingest_benchmark_smoke() -> None:
     ]
     assert " ms | " in latency.splitlines()[2], "soupflow's ACK latency was measured"
     assert "msg/s" in end_to_end.splitlines()[-1]
+
+
+def test_forwarding_benchmark_smoke(tmp_path: Path) -> None:
+    chart = tmp_path / "backlog.png"
+    lines = forward.main(["--smoke", "--chart", str(chart)])
+    rates, sustained = "\n".join(lines).split("\n\n")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in rates.splitlines()[2:]}
+    assert len(rows) == len(forward.SCENARIOS) - 1  # every path but the sustained load
+    for row in rows.values():
+        assert float(row.split(" | ")[1].replace(",", "")) > 0, row
+    assert "| empty after the last store |" in sustained
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
