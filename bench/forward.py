@@ -436,8 +436,8 @@ def main(arguments: list[str] | None = None) -> list[str]:
             order = [kind for kind in _ROUTES if kind in wanted]
             for kind in order if number % 2 == 0 else reversed(order):
                 # Orthanc's per-instance STOW-RS runs at a few instances a second: fewer of them
-                sent = files[: max(len(files) // 10, 2)] if kind == "stow orthanc" else files
-                measured = forwarding(kind, sent, work, fan_out=3 if kind == "fan-out" else 1)
+                batch = files[: max(len(files) // 10, 2)] if kind == "stow orthanc" else files
+                measured = forwarding(kind, batch, work, fan_out=3 if kind == "fan-out" else 1)
                 if measured is not None:
                     rates.setdefault(kind, []).append(measured)
             report(f"run {number + 1} of {runs} done")
