@@ -45,6 +45,7 @@ SCENARIOS = (
     "direct",
     "orthanc",
     "soupflow",
+    "soupflow converting",
     "ingest only",
     "fan-out",
     "stow orthanc",
@@ -121,10 +122,16 @@ def _wait_files(outs: list[Path], count: int, log: Path | None = None) -> None:
 
 
 def soupflow_command(
-    folder: Path, port: int, targets: list[int], workers: int, stow_url: str | None = None
+    folder: Path,
+    port: int,
+    targets: list[int],
+    workers: int,
+    stow_url: str | None = None,
+    filtered: bool = False,
 ) -> list[str]:
     """`soupflow run` with one workflow forwarding by C-STORE to each of `targets` (or by
-    STOW-RS to `stow_url`)."""
+    STOW-RS to `stow_url`); `filtered`: the receiver's filter reads CommonFields/Modality,
+    so each message's DICOM message is built."""
     senders: list[dict[str, object]] = [
         {
             "$type": "HL7Soup.Functions.Settings.Senders.DicomSenderSetting, HL7SoupWorkflow",
@@ -146,6 +153,18 @@ def soupflow_command(
                 "BaseUrl": stow_url,
             }
         ]
+    only_ct: dict[str, object] = {
+        "$type": "HL7Soup.Functions.Settings.Filters.FilterHostSetting, HL7SoupWorkflow",
+        "Id": "c0000000-0000-4000-8000-000000000010",
+        "Name": "Only CT",
+        "Filters": [
+            {
+                "$type": "HL7Soup.MessageFilters.StringMessageFilter, HL7SoupWorkflow",
+                "Path": "CommonFields/Modality",
+                "Value": "CT",
+            }
+        ],
+    }
     receiver = {
         "$type": "HL7Soup.Functions.Settings.Receivers.DicomReceiverSetting, HL7SoupWorkflow",
         "Id": _RECEIVER_ID,
@@ -154,7 +173,10 @@ def soupflow_command(
         "AcceptedCallingAETs": "*",
         "MaxAssociations": 16,
         "Activities": [sender["Id"] for sender in senders],
+        **({"Filters": only_ct["Id"]} if filtered else {}),
     }
+    if filtered:
+        senders.append(only_ct)
     workflows = folder / "workflows"
     workflows.mkdir()
     document = {
@@ -316,7 +338,9 @@ def forwarding(kind: str, files: list[Path], work: Path, fan_out: int = 1) -> fl
                 return None
         else:
             workers = 0 if kind == "ingest only" else 2
-            argv = soupflow_command(folder, port, [p for p, _ in targets], workers)
+            argv = soupflow_command(
+                folder, port, [p for p, _ in targets], workers, filtered=kind.endswith("converting")
+            )
         stack.enter_context(process(argv, log, port))
         start = time.perf_counter()
         _finish(storescu(port, files))
@@ -472,6 +496,7 @@ def _table(rates: dict[str, list[float]], count: int) -> list[str]:
         "direct": "storescu -> storescp directly (no router)",
         "orthanc": "Orthanc, Lua autorouter (SendToModality, then Delete)",
         "soupflow": "soupflow, one DicomSenderSetting (2 workers)",
+        "soupflow converting": "soupflow, the same behind a filter on CommonFields/Modality",
         "ingest only": "soupflow ingest alone (--workers 0, to the last ACK)",
         "fan-out": "soupflow, three DicomSenderSettings (all three delivered)",
         "stow orthanc": "Orthanc, Lua: its DICOMweb client's STOW-RS per instance, then Delete",

@@ -384,3 +384,38 @@ def test_http_basic_and_oauth2_client_credentials(tmp_path: Path) -> None:
 def test_backoff_doubles_with_jitter_up_to_its_cap(attempt: int, low: float, high: float) -> None:
     assert backoff_seconds(attempt, 2, 600, draw=lambda: 0.0) == low
     assert backoff_seconds(attempt, 2, 600, draw=lambda: 1.0) == high
+
+
+def test_a_workflow_that_only_forwards_never_builds_the_dicom_message(tmp_path: Path) -> None:
+    stow = {
+        "$type": "Soupflow.Senders.StowRsSenderSetting, Soupflow",
+        "Id": WRITER_2,
+        "Name": "Archive",
+        "BaseUrl": "http://archive.test/dicom-web",
+        "MessageTemplate": f"${{{RECEIVER_ID} inbound}}",
+    }
+    json_writer = file_writer(
+        FilePathToWrite="out/${SOPInstanceUID}.json",
+        MessageType=11,
+        MessageTemplate=f"${{{RECEIVER_ID} inbound}}",
+    )
+    builds: list[int] = []
+
+    def build() -> dict[str, Any]:
+        builds.append(1)
+        return convert(path, facts, Options())
+
+    path = sample_file("CT_small.dcm")
+    facts = arrival(path)
+    for document, expected in (
+        (documents.workflow(stow), 0),  # the STOW-RS sender sends the object, not a message
+        (documents.workflow(stow, json_writer), 1),  # the file writer writes the message
+    ):
+        builds.clear()
+        loaded = load_text(json.dumps(document), Path("w.json"))
+        context = RunContext(loaded, build, facts, path, tmp_path)
+        stored = httpx.MockTransport(lambda request: httpx.Response(200, json={}))
+        with httpx.Client(transport=stored) as client:
+            result = run_message(context, frozenset(), lambda *_: None, client, Connections())
+        assert result.state == "completed"
+        assert (len(builds), context.message_converted) == (expected, expected == 1)
