@@ -35,7 +35,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from bench.data import images
-from bench.ingest import NODELAY, free_port, wait_ready
+from bench.ingest import NODELAY, free_port, soupflow_run, wait_ready
 from soupflow.store.queue import Queue, State
 from soupflow.store.sqlite import SqliteQueue
 
@@ -185,18 +185,7 @@ def soupflow_command(
         "WorkflowPattern": [receiver, *senders],
     }
     (workflows / "forward.json").write_text(json.dumps(document), encoding="utf-8")
-    return [
-        sys.executable,
-        "-m",
-        "soupflow",
-        "run",
-        "--workflows",
-        str(workflows),
-        "--data",
-        str(folder / "data"),
-        "--workers",
-        str(workers),
-    ]
+    return soupflow_run(workflows, folder / "data", "--workers", str(workers))
 
 
 def orthanc_command(

@@ -95,6 +95,11 @@ def _soupflow(folder: Path, port: int, workers: int = 0) -> list[str]:
         "WorkflowPattern": [receiver, writer] if workers else [receiver],
     }
     (workflows / "bench.json").write_text(json.dumps(document), encoding="utf-8")
+    return soupflow_run(workflows, folder / "data", "--workers", str(workers))
+
+
+def soupflow_run(workflows: Path, data: Path, *options: str) -> list[str]:
+    """The `soupflow run` command line, as an operator types it."""
     return [
         sys.executable,
         "-m",
@@ -103,9 +108,8 @@ def _soupflow(folder: Path, port: int, workers: int = 0) -> list[str]:
         "--workflows",
         str(workflows),
         "--data",
-        str(folder / "data"),
-        "--workers",
-        str(workers),
+        str(data),
+        *options,
     ]
 
 

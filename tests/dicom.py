@@ -8,7 +8,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, _config
 
+from bench.ingest import soupflow_run
 from soupflow.ingest import Ingest
 from soupflow.receivers.dicom import Listener
 from soupflow.runtime.listeners_file import LISTENERS_FILE
@@ -57,6 +57,17 @@ def sample_file(name: str) -> Path:
 
 def receiver(**fields: Any) -> DicomReceiverSetting:
     return DicomReceiverSetting.model_validate(documents.receiver(Port=0, **fields))
+
+
+def storescu_send(port: int, *paths: Path) -> None:
+    """dcmtk's storescu sends the files over one association (raises if it fails)."""
+    subprocess.run(
+        [require_tool("storescu"), "127.0.0.1", str(port), *map(str, paths)],
+        env=NODELAY,
+        timeout=600,
+        check=True,
+        capture_output=True,
+    )
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -175,18 +186,7 @@ class RuntimeProcess:
         self.data = data
         self.log = data.parent / "runtime.log"
         (data / LISTENERS_FILE).unlink(missing_ok=True)
-        command = [
-            *launcher,
-            sys.executable,
-            "-m",
-            "soupflow",
-            "run",
-            "--workflows",
-            str(workflows),
-            "--data",
-            str(data),
-            *options,
-        ]
+        command = [*launcher, *soupflow_run(workflows, data, *options)]
         with self.log.open("w") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 command,

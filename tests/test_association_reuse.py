@@ -23,10 +23,17 @@ from soupflow.dicom.part10 import dataset_offset
 from soupflow.dicom.requestor import Destination
 from soupflow.store.queue import FINAL_STATES, State
 from soupflow.store.sqlite import SqliteQueue
-from tests import documents
-from tests.dicom import NODELAY, RuntimeProcess, require_tool, sample_file, send_files, wait_for
-from tests.documents import NS_SENDERS, type_of
-from tests.test_dicom_sender import SENDER_ID, storescp
+from tests import documents, test_dicom_sender
+from tests.dicom import (
+    NODELAY,
+    RuntimeProcess,
+    require_tool,
+    sample_file,
+    send_files,
+    storescu_send,
+    wait_for,
+)
+from tests.test_dicom_sender import storescp
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -92,19 +99,7 @@ def counting_scp() -> Iterator[Counting]:
 
 
 def forwarding(port: int, **fields: Any) -> dict[str, Any]:
-    sender = {
-        "$type": type_of("DicomSenderSetting", NS_SENDERS),
-        "Id": SENDER_ID,
-        "Name": "PACS",
-        "RemoteHost": "127.0.0.1",
-        "RemotePort": port,
-        "RemoteAET": "PACS",
-        "OurAET": "SOUPFLOW",
-        "TimeoutSeconds": 10,
-        "RetryInitialSeconds": 0,
-        **fields,
-    }
-    return documents.workflow(sender, Port=0, AcceptedCallingAETs="*")
+    return test_dicom_sender.forwarding(port, **{"RetryInitialSeconds": 0, **fields})
 
 
 def start(tmp_path: Path, document: dict[str, Any], *options: str) -> RuntimeProcess:
@@ -279,17 +274,10 @@ def test_kill_9_during_forwarding_loses_nothing_acknowledged(tmp_path: Path) -> 
 
 
 def test_a_1_gb_object_is_forwarded_with_bounded_memory(tmp_path: Path) -> None:
-    storescu = require_tool("storescu")
     source = large_instance(tmp_path / "big.dcm", 1 << 30)
     with storescp(tmp_path / "pacs", "--ignore") as port:
         runtime = start(tmp_path, forwarding(port, TimeoutSeconds=120), "--workers", "1")
-        subprocess.run(
-            [storescu, "127.0.0.1", str(runtime.port), str(source)],
-            env=NODELAY,
-            timeout=600,
-            check=True,
-            capture_output=True,
-        )
+        storescu_send(runtime.port, source)
         [message] = all_final(tmp_path / "data", 1)
         peak = runtime.peak_rss_bytes()
         runtime.terminate()

@@ -4,7 +4,6 @@ instance is received with bounded memory."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 from pydicom import dcmread
@@ -14,10 +13,9 @@ from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
 from tests.dicom import (
-    NODELAY,
     CutSender,
     RuntimeProcess,
-    require_tool,
+    storescu_send,
     wait_for,
 )
 
@@ -71,19 +69,12 @@ def digest_after(path: Path, offset: int) -> str:
 
 
 def test_a_1_gb_instance_is_received_with_peak_rss_under_200_mb(tmp_path: Path) -> None:
-    storescu = require_tool("storescu")
     source = tmp_path / "big.dcm"
     large_instance(source, 1 << 30)
     data = tmp_path / "data"
     runtime = RuntimeProcess(workflows_folder(tmp_path), data, "--workers", "0")
     try:
-        subprocess.run(
-            [storescu, "127.0.0.1", str(runtime.port), str(source)],
-            env=NODELAY,
-            timeout=600,
-            check=True,
-            capture_output=True,
-        )
+        storescu_send(runtime.port, source)
         peak = runtime.peak_rss_bytes()
     finally:
         runtime.terminate()
