@@ -69,7 +69,7 @@ _RECEIVER_ID = "b0000000-0000-4000-8000-000000000001"
 _WRITER_ID = "b0000000-0000-4000-8000-000000000002"
 
 
-def _soupflow(folder: Path, port: int, workers: int = 0) -> list[str]:
+def _soupflow(folder: Path, port: int, workers: int = 0, processes: int = 0) -> list[str]:
     """`soupflow run`; with workers, a workflow that writes each message's JSON to a file."""
     workflows = folder / "workflows"
     workflows.mkdir()
@@ -95,7 +95,8 @@ def _soupflow(folder: Path, port: int, workers: int = 0) -> list[str]:
         "WorkflowPattern": [receiver, writer] if workers else [receiver],
     }
     (workflows / "bench.json").write_text(json.dumps(document), encoding="utf-8")
-    return soupflow_run(workflows, folder / "data", "--workers", str(workers))
+    options = ("--workers", str(workers), "--processes", str(processes))
+    return soupflow_run(workflows, folder / "data", *options)
 
 
 def soupflow_run(workflows: Path, data: Path, *options: str) -> list[str]:
@@ -135,9 +136,11 @@ def _orthanc(folder: Path, port: int) -> list[str] | None:
     return [program, str(config)]
 
 
-def command(receiver: str, folder: Path, port: int, workers: int = 0) -> list[str] | None:
+def command(
+    receiver: str, folder: Path, port: int, workers: int = 0, processes: int = 0
+) -> list[str] | None:
     if receiver == "soupflow":
-        return _soupflow(folder, port, workers)
+        return _soupflow(folder, port, workers, processes)
     if receiver == "pynetdicom":
         return [sys.executable, "-m", "bench.bare_scp", str(port), str(folder / "out")]
     if receiver == "orthanc":
@@ -224,13 +227,13 @@ def measure(receiver: str, scenario: Scenario, work: Path) -> tuple[float, int] 
 
 @contextmanager
 def receiving(
-    receiver: str, work: Path, workers: int = 0
+    receiver: str, work: Path, workers: int = 0, processes: int = 0
 ) -> Iterator[tuple[int, int, Path] | None]:
     """A fresh receiver process answering C-ECHO: (port, pid, its log), or None when it is
     not installed. Its folder is under `work` and goes with it."""
     with tempfile.TemporaryDirectory(dir=work) as name:
         folder, port = Path(name), free_port()
-        argv = command(receiver, folder, port, workers)
+        argv = command(receiver, folder, port, workers, processes)
         if argv is None:
             yield None
             return
@@ -256,9 +259,9 @@ def ack_latency(receiver: str, files: list[Path], rate: float, work: Path) -> li
     return delays
 
 
-def end_to_end(files: list[Path], work: Path, workers: int) -> float:
+def end_to_end(files: list[Path], work: Path, workers: int, processes: int = 0) -> float:
     """Messages per second from the first C-STORE to the last message's file written."""
-    with receiving("soupflow", work, workers) as running:
+    with receiving("soupflow", work, workers, processes) as running:
         assert running is not None
         port, _, log = running
         out = log.parent / "out"
@@ -354,18 +357,22 @@ def _percentile(values: list[float], percent: int) -> float:
 def end_to_end_table(files: list[Path], runs: int, work: Path, workers: int) -> list[str]:
     """soupflow C-STORE to file (a workflow writing each message's JSON) beside ingest alone."""
     through: list[float] = []
+    two: list[float] = []
     ingest: list[float] = []
     for _ in range(runs):
         through.append(end_to_end(files, work, workers))
+        two.append(end_to_end(files, work, workers, processes=2))
         measured = measure("soupflow", Scenario("ingest", files), work)
         assert measured is not None
         ingest.append(measured[0])
     both, alone = statistics.median(through), statistics.median(ingest)
+    spread = statistics.median(two)
     return [
         "| soupflow, CT-sized, 1 association | rate (median) | ratio |",
         "|---|---:|---:|",
         f"| C-STORE to queue (`--workers 0`) | {alone:,.0f} inst/s | 1.00 |",
         f"| C-STORE to message JSON file ({workers} workers) | {both:,.0f} msg/s | {both / alone:.2f} |",
+        f"| the same in 2 worker processes (`--processes 2`, {workers} workers each) | {spread:,.0f} msg/s | {spread / alone:.2f} |",
     ]
 
 

@@ -24,8 +24,10 @@ from rich.table import Table
 
 from soupflow import admin, durable, schemas
 from soupflow.dicom.requestor import Destination, echo
-from soupflow.runtime.supervisor import Runtime
+from soupflow.runtime.processes import WorkerRuntime, new_boot
+from soupflow.runtime.supervisor import Runtime, node_name
 from soupflow.runtime.watch import watch
+from soupflow.store import NoDataError
 from soupflow.store.queue import QueueError
 from soupflow.workflow import diff, fmt
 from soupflow.workflow.jsonpos import JsonSyntaxError, parse
@@ -66,7 +68,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _run(args: argparse.Namespace) -> int:
+def _event_lines() -> threading.Event:
+    """Log one line per event; SIGINT and SIGTERM set the returned event."""
     logging.basicConfig(
         level=logging.INFO, handlers=[_EventLines()], format="%(message)s", force=True
     )
@@ -74,16 +77,46 @@ def _run(args: argparse.Namespace) -> int:
     # only their warnings and errors reach the event lines.
     for library in ("pynetdicom", "httpx", "httpcore", "pydicom", "watchfiles"):
         logging.getLogger(library).setLevel(logging.WARNING)
+    stopping = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stopping.set())
+    return stopping
+
+
+def _work(args: argparse.Namespace) -> int:
+    stopping = _event_lines()
+    runtime = WorkerRuntime(
+        args.workflows, args.data, args.workers, args.node, args.boot, args.keep_objects
+    )
+    try:
+        runtime.start()
+    except (QueueError, NoDataError) as exc:
+        _say(_err, f"cannot start: {exc}", "red")
+        return EXIT_PROBLEMS
+    watcher = threading.Thread(
+        target=watch, args=(args.workflows, runtime.reload, stopping), daemon=True
+    )
+    watcher.start()
+    parent = os.getppid()
+    while not stopping.wait(0.5):
+        if os.getppid() != parent:  # the runtime that started us is gone: so are we
+            logging.getLogger(__name__).error("worker process %s: its runtime exited", args.boot)
+            break
+    runtime.stop()
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    stopping = _event_lines()
     if not _is_loopback(args.host):
         _say(
             _err,
             f"warning: listening on {args.host}: DICOM traffic is unencrypted (no TLS yet)",
             "yellow",
         )
-    runtime = Runtime(args.workflows, args.data, args.host, args.workers, args.keep_objects)
-    stopping = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda *_: stopping.set())
+    runtime = Runtime(
+        args.workflows, args.data, args.host, args.workers, args.keep_objects, args.processes
+    )
     try:
         runtime.start()
     except QueueError as exc:
@@ -437,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hears Success; workers then run its workflow (filters, variables, activities). The "
         "folder is watched: files that appear, change or go take effect while it runs. "
         "Ctrl-C or SIGTERM stops accepting, lets stores in progress finish, and exits 0. Options default to the SOUPFLOW_WORKFLOWS, SOUPFLOW_DATA,"
-        " SOUPFLOW_HOST, SOUPFLOW_WORKERS and SOUPFLOW_KEEP_OBJECTS environment variables.",
+        " SOUPFLOW_HOST, SOUPFLOW_WORKERS, SOUPFLOW_PROCESSES and SOUPFLOW_KEEP_OBJECTS environment"
+        " variables.",
     )
     runner.add_argument(
         "--workflows",
@@ -460,7 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=int(os.environ.get("SOUPFLOW_WORKERS", "2")),
-        help="threads processing the queue (default: 2; 0 receives and queues only)",
+        help="threads processing the queue, per process (default: 2; 0 receives and queues only)",
+    )
+    runner.add_argument(
+        "--processes",
+        type=int,
+        default=int(os.environ.get("SOUPFLOW_PROCESSES", "0")),
+        help="worker processes, each with --workers threads, on the same queue; this "
+        "process then only receives (default: 0, the workers are threads of this process)",
     )
     runner.add_argument(
         "--keep-objects",
@@ -469,6 +510,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep each received object after its message completes (default: delete it)",
     )
     runner.set_defaults(run=_run)
+
+    worker = commands.add_parser(
+        "work",
+        help="a worker process (started by `run --processes`)",
+        description="Workers only, on the queue of a data folder that `soupflow run` receives "
+        "into: the workflows folder is loaded and watched, no listener is opened.",
+    )
+    worker.add_argument("--workflows", type=Path, required=True)
+    worker.add_argument("--data", type=Path, required=True)
+    worker.add_argument("--workers", type=int, default=2)
+    worker.add_argument("--node", default=node_name(), help="this machine's name in leases")
+    worker.add_argument("--boot", default=new_boot(), help="this process's id in leases")
+    worker.add_argument("--keep-objects", action="store_true")
+    worker.set_defaults(run=_work)
 
     echo_command = commands.add_parser(
         "echo",

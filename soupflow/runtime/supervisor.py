@@ -10,14 +10,12 @@ a workflow that was deleted still complete with its last version.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from soupflow.receivers.base import Receiver, ReceiverError
 from soupflow.receivers.dicom import parse_allow_list
 from soupflow.runtime import listeners_file, reconcile
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
+from soupflow.runtime.processes import WorkerProcesses, digest, new_boot
 from soupflow.runtime.workers import Workers
 from soupflow.store import open_queue
 from soupflow.store.queue import Queue, State
@@ -61,20 +60,28 @@ class _Workflow:
 
 class Runtime:
     def __init__(
-        self, workflows: Path, data: Path, host: str, workers: int = 2, keep_objects: bool = False
+        self,
+        workflows: Path,
+        data: Path,
+        host: str,
+        workers: int = 2,
+        keep_objects: bool = False,
+        processes: int = 1,
     ) -> None:
         self.workflows_folder = workflows
         self.data = data
         self.host = host
         self.worker_count = workers
         self.keep_objects = keep_objects
+        self.processes = processes  # worker processes; 0: the workers are threads of this one
         self.known: dict[str, LoadedWorkflow] = {}
         self.running: dict[str, _Workflow] = {}
         self.problems: list[ListenerRow] = []
         self.node = node_name()
-        self.boot = uuid.uuid4().hex[:12]  # this process, in lease owners
+        self.boot = new_boot()  # this process, in lease owners
         self.queue: Queue | None = None
         self.workers: Workers | None = None
+        self.children: WorkerProcesses | None = None
         self._ingest: Ingest | None = None
         self._digests: dict[Path, str] = {}
         self._lock = threading.Lock()
@@ -109,11 +116,35 @@ class Runtime:
             spool,
             self.data,
             self.known.get,
-            self.worker_count,
+            0 if self.processes else self.worker_count,
             owner_prefix=f"{self.node}/{self.boot}",
             keep_objects=self.keep_objects,
         )
         self.workers.start()
+        if self.processes and self.worker_count > 0:
+            self.children = WorkerProcesses(
+                self.processes, self._work_command, self.queue, self.node
+            )
+            self.children.start()
+
+    def _work_command(self, boot: str) -> list[str]:
+        command = [
+            sys.executable,
+            "-m",
+            "soupflow",
+            "work",
+            "--workflows",
+            str(self.workflows_folder),
+            "--data",
+            str(self.data),
+            "--workers",
+            str(self.worker_count),
+            "--node",
+            self.node,
+            "--boot",
+            boot,
+        ]
+        return [*command, "--keep-objects"] if self.keep_objects else command
 
     def _wake_workers(self) -> None:
         if self.workers is not None:
@@ -128,9 +159,9 @@ class Runtime:
                 if self.workflows_folder.is_dir()
                 else []
             )
-            digests = {w.path: _digest(w.path) for w in scanned}
+            digests = {w.path: digest(w.path) for w in scanned}
             unchanged = {
-                path for path, digest in digests.items() if self._digests.get(path) == digest
+                path for path, content in digests.items() if self._digests.get(path) == content
             }
             running = {
                 workflow_id: reconcile.Running(
@@ -269,6 +300,9 @@ class Runtime:
                 if entry.listener is not None:
                     entry.listener.stop(grace_seconds)
                     entry.listener = None
+            if self.children is not None:
+                self.children.stop()
+                self.children = None
             if self.workers is not None:
                 self.workers.stop()
                 self.workers = None
@@ -276,10 +310,3 @@ class Runtime:
                 self.queue.close()
                 self.queue = None
             listeners_file.remove(self.data)
-
-
-def _digest(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return ""

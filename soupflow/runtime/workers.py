@@ -106,6 +106,7 @@ class Workers:
         clock: Callable[[], float] = time.time,
         lease_seconds: float = LEASE_SECONDS,
         http: httpx.Client | None = None,
+        idle_seconds: float = _IDLE_SECONDS,
     ) -> None:
         self.queue = queue
         self.spool = spool
@@ -116,6 +117,7 @@ class Workers:
         self.keep_objects = keep_objects
         self.clock = clock
         self.lease_seconds = lease_seconds
+        self.idle_seconds = idle_seconds  # how long an idle worker waits before it looks again
         self.http = http if http is not None else httpx.Client()
         self.connections = Connections()
         self._stopping = threading.Event()
@@ -191,7 +193,7 @@ class Workers:
                 message = None
             if message is None:
                 self.connections.close_idle()
-                self._work.wait(_IDLE_SECONDS)  # woken by `wake`; a runtime elsewhere is polled
+                self._work.wait(self.idle_seconds)  # woken by `wake`, else it polls
                 self._work.clear()
                 continue
             with self._held_lock:

@@ -1,0 +1,175 @@
+"""Worker processes: more interpreters on the same queue, so the pipeline uses more cores.
+
+Upstream: supervisor (`soupflow run --processes N` starts N of them; its own process then
+only receives, so conversion and activities never hold the interpreter lock its
+associations need), cli (`soupflow work`, what each one runs). Downstream: workers, store.
+
+A worker process loads the workflows folder itself (and reloads it when it changes), leases
+from the shared queue with owners `node/boot/worker-N` of its own, and processes messages
+exactly as the runtime's own workers do; it opens no listener and never touches the
+incoming folder. The runtime watches its children: one that exits unexpectedly has its
+leases taken back at once (`Queue.recover` of its own `node/boot`) and is started again;
+one whose runtime exits stops too. An idle worker process looks at the queue every
+`POLL_SECONDS` (a message queued by the runtime waits at most that long).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from soupflow.runtime.workers import Workers
+from soupflow.store import open_queue
+from soupflow.store.queue import Queue
+from soupflow.store.spool import Spool
+from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
+
+log = logging.getLogger(__name__)
+
+_WATCH_SECONDS = 0.5
+POLL_SECONDS = 0.02
+_STOP_SECONDS = 40.0  # a child's workers get 30 s to finish their messages
+
+
+def new_boot() -> str:
+    """A process's id in lease owners."""
+    return uuid.uuid4().hex[:12]
+
+
+class WorkerRuntime:
+    """`soupflow work`: workers only, in a process of their own."""
+
+    def __init__(
+        self,
+        workflows: Path,
+        data: Path,
+        workers: int,
+        node: str,
+        boot: str,
+        keep_objects: bool = False,
+    ) -> None:
+        self.workflows_folder = workflows
+        self.data = data
+        self.worker_count = workers
+        self.node, self.boot = node, boot
+        self.keep_objects = keep_objects
+        self.known: dict[str, LoadedWorkflow] = {}
+        self.queue: Queue | None = None
+        self.workers: Workers | None = None
+        self._digests: dict[Path, str] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        sys.path.insert(0, str(self.workflows_folder.resolve()))  # PythonCallable modules
+        self.queue = open_queue(self.data, create=False)
+        self.reload()
+        self.workers = Workers(
+            self.queue,
+            Spool(self.data),
+            self.data,
+            self.known.get,
+            self.worker_count,
+            owner_prefix=f"{self.node}/{self.boot}",
+            keep_objects=self.keep_objects,
+            idle_seconds=POLL_SECONDS,
+        )
+        self.workers.start()
+
+    def reload(self) -> None:
+        """Know the last good version of every workflow the folder has defined."""
+        with self._lock:
+            paths = (
+                workflow_paths([self.workflows_folder]) if self.workflows_folder.is_dir() else []
+            )
+            for path in paths:
+                content = digest(path)
+                if self._digests.get(path) == content:
+                    continue
+                self._digests[path] = content
+                loaded = load_file(path)
+                if loaded.valid and loaded.workflow_id is not None and loaded.receiver:
+                    self.known[loaded.workflow_id] = loaded
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.workers is not None:
+                self.workers.stop()
+                self.workers = None
+            if self.queue is not None:
+                self.queue.close()
+                self.queue = None
+
+
+class WorkerProcesses:
+    """The runtime's worker processes: started, watched, started again, stopped."""
+
+    def __init__(
+        self, count: int, command: Callable[[str], list[str]], queue: Queue, node: str
+    ) -> None:
+        self.count = count
+        self.command = command  # boot -> the child's command line
+        self.queue = queue
+        self.node = node
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        for _ in range(self.count):
+            self._spawn()
+        self._watcher = threading.Thread(
+            target=self._watch, name="soupflow-worker-processes", daemon=True
+        )
+        self._watcher.start()
+
+    def _spawn(self) -> None:
+        boot = new_boot()
+        self._children[boot] = subprocess.Popen(self.command(boot))  # its lines go to ours
+        log.info("worker process %s started (pid %d)", boot, self._children[boot].pid)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(_WATCH_SECONDS):
+            for boot, child in list(self._children.items()):
+                if child.poll() is None or self._stopping.is_set():
+                    continue
+                del self._children[boot]
+                taken = self.queue.recover(f"{self.node}/{boot}", time.time())
+                log.error(
+                    "worker process %s exited with %s: %d message(s) it held are queued "
+                    "again; starting another",
+                    boot,
+                    child.returncode,
+                    len(taken),
+                )
+                self._spawn()
+
+    def stop(self) -> None:
+        """SIGTERM every child (each finishes its messages), then wait; kill what is left."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        for child in self._children.values():
+            child.terminate()
+        deadline = time.monotonic() + _STOP_SECONDS
+        for child in self._children.values():
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self._children.clear()
+
+
+def digest(path: Path) -> str:
+    """A file's content hash, "" when it cannot be read (a rescan compares them)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""

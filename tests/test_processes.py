@@ -1,0 +1,82 @@
+"""Worker processes: `soupflow work` on the queue a `soupflow run` receives into, and
+`run --processes` starting, watching and restarting them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.data import images
+from soupflow.store.queue import State
+from soupflow.store.sqlite import SqliteQueue
+from tests import documents
+from tests.dicom import DEADLINE_SECONDS, RuntimeProcess, send_files, wait_for
+from tests.documents import file_writer
+
+
+def workflows(tmp_path: Path) -> Path:
+    folder = tmp_path / "workflows"
+    folder.mkdir()
+    writer = file_writer(FilePathToWrite="out/${SOPInstanceUID}.dcm")
+    documents.write(
+        folder / "intake.json", documents.workflow(writer, Port=0, AcceptedCallingAETs="*")
+    )
+    return folder
+
+
+def states(data: Path) -> list[State]:
+    queue = SqliteQueue(data)
+    try:
+        return [message.state for message in queue.messages()]
+    finally:
+        queue.close()
+
+
+def test_a_worker_process_works_the_queue_a_runtime_fills(tmp_path: Path) -> None:
+    folder, data = workflows(tmp_path), tmp_path / "data"
+    runtime = RuntimeProcess(folder, data, "--workers", "0")  # receives and queues only
+    files = images(tmp_path / "send", 10, 32, 32)
+    assert send_files(runtime.port, files) == [0] * 10
+    assert states(data) == [State.QUEUED] * 10
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "soupflow", "work", "--workflows", str(folder), "--data", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: states(data) == [State.COMPLETED] * 10, "the worker process")
+        assert len(list((data / "out").iterdir())) == 10
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=DEADLINE_SECONDS) == 0
+        runtime.terminate()
+
+
+def test_run_with_processes_restarts_a_worker_process_that_dies(tmp_path: Path) -> None:
+    folder, data = workflows(tmp_path), tmp_path / "data"
+    runtime = RuntimeProcess(folder, data, "--processes", "1")
+    started = wait_for(
+        lambda: [line for line in runtime.log_text().splitlines() if "worker process" in line],
+        "a worker process to start",
+    )
+    pid = int(started[0].rsplit("pid ", 1)[1].rstrip(")"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: "starting another" in runtime.log_text(), "the worker process to be replaced")
+    wait_for(lambda: runtime.log_text().count("started (pid") >= 2, "its replacement")
+    files = images(tmp_path / "send", 10, 32, 32)
+    assert send_files(runtime.port, files) == [0] * 10
+    wait_for(lambda: states(data) == [State.COMPLETED] * 10, "every message")
+    assert runtime.terminate() == 0
+    children = [
+        int(line.rsplit("pid ", 1)[1].rstrip(")"))
+        for line in runtime.log_text().splitlines()
+        if "started (pid" in line
+    ]
+    for child in children:  # none outlives the runtime
+        assert (
+            not Path(f"/proc/{child}").exists()
+            or "zombie" in Path(f"/proc/{child}/status").read_text()
+        )
