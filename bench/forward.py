@@ -45,6 +45,7 @@ SCENARIOS = (
     "direct",
     "orthanc",
     "soupflow",
+    "soupflow worker process",
     "soupflow converting",
     "ingest only",
     "fan-out",
@@ -128,6 +129,7 @@ def soupflow_command(
     workers: int,
     stow_url: str | None = None,
     filtered: bool = False,
+    processes: int = 0,
 ) -> list[str]:
     """`soupflow run` with one workflow forwarding by C-STORE to each of `targets` (or by
     STOW-RS to `stow_url`); `filtered`: the receiver's filter reads CommonFields/Modality,
@@ -185,7 +187,8 @@ def soupflow_command(
         "WorkflowPattern": [receiver, *senders],
     }
     (workflows / "forward.json").write_text(json.dumps(document), encoding="utf-8")
-    return soupflow_run(workflows, folder / "data", "--workers", str(workers))
+    options = ("--workers", str(workers), "--processes", str(processes))
+    return soupflow_run(workflows, folder / "data", *options)
 
 
 def orthanc_command(
@@ -328,7 +331,12 @@ def forwarding(kind: str, files: list[Path], work: Path, fan_out: int = 1) -> fl
         else:
             workers = 0 if kind == "ingest only" else 2
             argv = soupflow_command(
-                folder, port, [p for p, _ in targets], workers, filtered=kind.endswith("converting")
+                folder,
+                port,
+                [p for p, _ in targets],
+                workers,
+                filtered=kind.endswith("converting"),
+                processes=1 if kind.endswith("worker process") else 0,
             )
         stack.enter_context(process(argv, log, port))
         start = time.perf_counter()
@@ -340,7 +348,7 @@ def forwarding(kind: str, files: list[Path], work: Path, fan_out: int = 1) -> fl
 
 
 def sustained(
-    files: list[Path], seconds: float, work: Path
+    files: list[Path], seconds: float, work: Path, processes: int = 0
 ) -> tuple[list[tuple[float, int]], float, int]:
     """Four storescu associations sending `files` over and over for `seconds` into soupflow
     forwarding to storescp: the backlog over time, the seconds from the last store to an
@@ -349,7 +357,7 @@ def sustained(
         folder = Path(name)
         target, _ = stack.enter_context(destination(folder / "dest"))
         port = free_port()
-        argv = soupflow_command(folder, port, [target], workers=2)
+        argv = soupflow_command(folder, port, [target], workers=2, processes=processes)
         log = folder / "router.log"
         stack.enter_context(process(argv, log, port))
         queue = SqliteQueue(folder / "data")
@@ -485,6 +493,7 @@ def _table(rates: dict[str, list[float]], count: int) -> list[str]:
         "direct": "storescu -> storescp directly (no router)",
         "orthanc": "Orthanc, Lua autorouter (SendToModality, then Delete)",
         "soupflow": "soupflow, one DicomSenderSetting (2 workers)",
+        "soupflow worker process": "soupflow, the same with its workers in a worker process (`--processes 1`)",
         "soupflow converting": "soupflow, the same behind a filter on CommonFields/Modality",
         "ingest only": "soupflow ingest alone (--workers 0, to the last ACK)",
         "fan-out": "soupflow, three DicomSenderSettings (all three delivered)",
