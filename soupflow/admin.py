@@ -105,7 +105,8 @@ class DeadMessage:
     calling_aet: str
     activity: str  # the failed activity's name (its id when the workflow is not found)
     attempts: int
-    reason: str
+    reason: str  # one line written by soupflow: safe for lists and logs
+    detail: str  # what else the failure left (a traceback, an ACK's text): may hold PHI
     died_at: float
     outcomes: list[ActivityOutcome]
 
@@ -147,6 +148,7 @@ def dead_messages(
 
 def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, str]) -> DeadMessage:
     activity = message.failed_activity or ""
+    reason, _, detail = (message.reason or "").partition("\n")
     return DeadMessage(
         message.request_id,
         message.arrival.workflow_id,
@@ -154,7 +156,8 @@ def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, st
         message.arrival.origin.calling_aet,
         names.get(activity, activity),
         message.attempts,
-        message.reason or "",
+        reason,
+        detail,
         message.updated_at,
         outcomes,
     )

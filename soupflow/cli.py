@@ -248,6 +248,10 @@ def _dead(args: argparse.Namespace) -> int:
                 ("reason", dead.reason),
             ):
                 _say(_out, f"  {label}: {value}")
+            if dead.detail:
+                _say(_out, "  detail:")
+                for line in dead.detail.splitlines():
+                    _say(_out, f"    {line}")
             for outcome in dead.outcomes:
                 _say(
                     _out,

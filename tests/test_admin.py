@@ -400,3 +400,17 @@ def test_status_shows_the_backlog_and_its_age(tmp_path: Path) -> None:
     assert (row["state"], row["workflow"], row["counts"]["queued"]) == ("not running", "Intake", 2)
     missing = soupflow("status", "--data", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "no queue in" in missing.stderr
+
+
+def test_status_after_a_crash_does_not_show_the_dead_runtime_as_listening(tmp_path: Path) -> None:
+    workflows, data = tmp_path / "workflows", tmp_path / "data"
+    workflows.mkdir()
+    place(workflows, "intake.json", documents.workflow(Port=0, AcceptedCallingAETs="*"))
+    runtime = RuntimeProcess(workflows, data, "--workers", "0")
+    assert send_files(runtime.port, [CT]) == [0]
+    running = json.loads(soupflow("status", "--json", "--data", str(data)).stdout)
+    assert [row["state"] for row in running] == ["listening"]
+    runtime.kill()  # kill -9: listeners.json stays behind
+    assert (data / "listeners.json").exists()
+    [row] = json.loads(soupflow("status", "--json", "--data", str(data)).stdout)
+    assert (row["state"], row["counts"]["queued"]) == ("not running", 1)

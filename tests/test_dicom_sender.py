@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -263,6 +264,11 @@ def tag(step):
 
 def explode(step):
     raise ValueError("bad value for " + step.message["CommonFields"]["PatientName"])
+
+
+def leave(step):
+    import sys
+    sys.exit(3)
 """
 
 
@@ -313,3 +319,53 @@ def test_a_python_step_that_raises_is_dead_with_its_exception_type_and_no_phi_in
     assert (
         "raised ValueError" in runtime.log_text() and "CompressedSamples" not in runtime.log_text()
     )  # ...the log does not
+
+
+def test_a_python_step_that_exits_is_dead_and_the_workers_go_on(tmp_path: Path) -> None:
+    exiting = {
+        "$type": type_of("CodeSenderSetting", NS_SENDERS),
+        "Id": SENDER_ID,
+        "Name": "Python",
+        "PythonCallable": "soupflow_test_steps:leave",
+    }
+    files = [sample_file("CT_small.dcm"), sample_file("MR_small.dcm")]
+    messages, _ = run_until_final(
+        tmp_path,
+        documents.workflow(exiting, Port=0, AcceptedCallingAETs="*"),
+        files,
+        {"soupflow_test_steps.py": STEPS},
+    )
+    assert [m.state for m in messages] == [State.DEAD, State.DEAD]  # both ran: no worker died
+    assert all("raised SystemExit" in (m.reason or "") for m in messages)
+
+
+def test_dead_list_shows_the_one_line_reason_and_show_the_detail(tmp_path: Path) -> None:
+    code_sender = {
+        "$type": type_of("CodeSenderSetting", NS_SENDERS),
+        "Id": SENDER_ID,
+        "Name": "Python",
+        "PythonCallable": "soupflow_test_steps:explode",
+    }
+    [message], _ = run_until_final(
+        tmp_path,
+        documents.workflow(code_sender, Port=0, AcceptedCallingAETs="*"),
+        [sample_file("CT_small.dcm")],
+        {"soupflow_test_steps.py": STEPS},
+    )
+    data = str(tmp_path / "data")
+    listed = subprocess.run(
+        [sys.executable, "-m", "soupflow", "dead", "list", "--data", data],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "300"},
+    ).stdout
+    assert message.request_id in listed and "raised ValueError" in listed
+    assert "CompressedSamples" not in listed and "Traceback" not in listed
+    shown = subprocess.run(
+        [sys.executable, "-m", "soupflow", "dead", "show", message.request_id, "--data", data],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Traceback" in shown and "CompressedSamples^CT1" in shown  # for the operator who asks

@@ -236,3 +236,25 @@ def test_without_a_deduplication_window_a_resend_is_queued_again(tmp_path: Path)
     with receiving(tmp_path / "data", AcceptedCallingAETs="*") as running:
         assert send_files(running.port, [source, source]) == [SUCCESS, SUCCESS]
         assert len(running.stored(uid)) == 2
+
+
+def test_a_deflated_object_from_storescu_is_sent_in_another_syntax_and_stored(
+    tmp_path: Path,
+) -> None:
+    storescu = require_tool("storescu")
+    source = sample_file("image_dfl.dcm")
+    uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    with receiving(tmp_path / "data", AcceptedCallingAETs="*") as running:
+        done = subprocess.run(
+            [storescu, "-xd", "127.0.0.1", str(running.port), str(source)],
+            env=NODELAY,
+            timeout=60,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        [stored] = running.stored(uid)
+        [message] = running.queue.messages()
+    assert message.arrival.transfer_syntax_uid != "1.2.840.10008.1.2.1.99"
+    assert dcmread(stored).SOPInstanceUID == uid

@@ -6,6 +6,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from bench.scu import associate_request, read_pdu
 from soupflow.dicom.status import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -32,6 +34,10 @@ from tests.dicom import (
 )
 
 CT = sample_file("CT_small.dcm")
+
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
 
 
 def nothing_left(running: Receiving) -> None:
@@ -192,3 +198,55 @@ def test_connections_that_never_associate_are_capped(tmp_path: Path) -> None:
             connection.close()
         wait_for(lambda: running.listener.active_associations == 0, "the silent ones to go")
         assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+class Trickle:
+    """Sends `data` a byte at a time in a thread (bounded), until the peer stops taking it."""
+
+    def __init__(self, connection: socket.socket, data: bytes, every_seconds: float) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._send, args=(connection, data, every_seconds))
+        self.thread.start()
+
+    def _send(self, connection: socket.socket, data: bytes, every_seconds: float) -> None:
+        for byte in data:
+            if self.stop.wait(every_seconds):
+                return
+            try:
+                connection.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=DEADLINE_SECONDS)
+
+
+def test_a_peer_trickling_its_association_request_is_dropped_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    request = associate_request("MODALITY01", "SOUPFLOW", [(1, CT_IMAGE_STORAGE, EXPLICIT)])
+    with receiving(tmp_path / "data", AssociationTimeoutSeconds=1) as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=60) as slow:
+            trickle = Trickle(slow, request * 4, every_seconds=0.2)  # each byte well in time
+            try:
+                wait_until_closed(slow)  # the whole request was not in within 1 s
+            finally:
+                trickle.close()
+        assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_a_peer_that_keeps_sending_after_release_is_dropped(tmp_path: Path) -> None:
+    contexts = [(1, CT_IMAGE_STORAGE, EXPLICIT)]
+    with receiving(tmp_path / "data", AssociationTimeoutSeconds=1) as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=60) as peer:
+            peer.sendall(associate_request("MODALITY01", "SOUPFLOW", contexts))
+            assert read_pdu(peer)[0] == 0x02  # A-ASSOCIATE-AC
+            peer.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+            assert read_pdu(peer)[0] == 0x06  # A-RELEASE-RP
+            trickle = Trickle(peer, bytes(400), every_seconds=0.2)  # and it never closes
+            try:
+                wait_until_closed(peer)
+            finally:
+                trickle.close()
+        assert running.listener.active_associations == 0

@@ -119,3 +119,23 @@ def test_status_categories(code: int, category: status.Category) -> None:
 def test_a_status_is_described_with_its_code_and_meaning() -> None:
     assert status.describe(0xA700) == "0xA700 Refused: Out of Resources"
     assert status.describe(0xC123) == "0xC123 Error: Cannot understand"
+
+
+def test_deflate_is_not_accepted_the_next_proposed_syntax_is() -> None:
+    accepted = decided(
+        [
+            (1, CT, "1.2.840.10008.1.2.1.99"),
+            (3, CT, ExplicitVRLittleEndian),
+        ]
+    )
+    assert set(accepted) == {3}  # a context that offers only deflate is refused
+
+
+def test_a_context_offering_deflate_first_gets_its_next_syntax() -> None:
+    pdu = associate_request("CALLER", "SOUPFLOW", [(1, CT, "1.2.840.10008.1.2.1.99")])
+    request = negotiation.decode_request(pdu)
+    request.primitive.presentation_context_definition_list[0].transfer_syntax.append(
+        ExplicitVRLittleEndian
+    )
+    accepted, _ = negotiation.accept(request, 0)
+    assert accepted[1].transfer_syntax == ExplicitVRLittleEndian

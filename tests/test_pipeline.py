@@ -419,3 +419,23 @@ def test_a_workflow_that_only_forwards_never_builds_the_dicom_message(tmp_path: 
             result = run_message(context, frozenset(), lambda *_: None, client, Connections())
         assert result.state == "completed"
         assert (len(builds), context.message_converted) == (expected, expected == 1)
+
+
+def test_a_nul_character_in_a_path_is_dead_at_once_with_nothing_written(tmp_path: Path) -> None:
+    document = documents.workflow(
+        file_writer(FilePathToWrite="out/${Name}.txt", MessageType=13),
+        variables(
+            action(
+                "CreateVariable",
+                VariableName="Name",
+                FromPath="a\u0000b",
+                FromDirection=2,
+                FromType=7,
+            )
+        ),
+        VariableTransformers=VARIABLES_ID,
+    )
+    result, recorded = run(document, tmp_path)
+    assert result.state == "failed" and isinstance(result.error, PermanentError)
+    assert "NUL character" in str(result.error)
+    assert recorded == [] and not (tmp_path / "out").exists()

@@ -61,7 +61,12 @@ def resolve(path_template: str, activity: Activity) -> Path:
     static = path_template.split("${", 1)[0]
     folder = static if static.endswith(("/", "\\")) else os.path.dirname(static)
     root = (data / folder).resolve()
-    target = (data / activity.context.expand(path_template)).resolve()
+    expanded = activity.context.expand(path_template)
+    if "\0" in expanded:
+        raise PermanentError(
+            f"the path {path_template!r} expands to a name with a NUL character; nothing written"
+        )
+    target = (data / expanded).resolve()
     if target == root or not target.is_relative_to(root):
         raise PermanentError(
             f"the path {path_template!r} resolves outside its folder {folder or '.'!r}; nothing written"

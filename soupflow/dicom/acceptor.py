@@ -18,13 +18,15 @@ and nothing is decoded on the way. Only when the last fragment is in does the ha
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from soupflow.dicom import dimse, negotiation, pdu, status
 from soupflow.dicom.negotiation import AcceptedContext, Rejection, Request
@@ -161,9 +163,10 @@ class Association:
         self._reply_to = 0  # the presentation context of the C-STORE-RQ being received
         self._send_lock = threading.Lock()
         self._closed = threading.Event()
+        self.timeout_seconds = timeout_seconds
         connection.settimeout(timeout_seconds)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._reader = connection.makefile("rb", buffering=_READ_BUFFER)
+        self._reader = cast(io.BufferedReader, connection.makefile("rb", buffering=_READ_BUFFER))
 
     @property
     def calling_aet(self) -> str:
@@ -222,7 +225,15 @@ class Association:
 
     # ----------------------------------------------------------------- establishment
     def _associate(self) -> bool:
-        pdu_type, length = self._pdu_header()
+        # The whole request within the timeout (ARTIM, PS3.8 9.1.5), not each read: a peer
+        # trickling a byte at a time must not hold a connection slot.
+        deadline = time.monotonic() + self.timeout_seconds
+        header = self._read_by(pdu.PDU_HEADER.size, deadline)
+        pdu_type, length = pdu.PDU_HEADER.unpack(header)
+        if pdu_type not in pdu.KNOWN_PDU_TYPES:
+            raise ProtocolError(
+                f"unrecognized PDU type 0x{pdu_type:02X}", pdu.REASON_UNRECOGNIZED_PDU
+            )
         if pdu_type != pdu.A_ASSOCIATE_RQ_PDU:
             raise ProtocolError(
                 f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
@@ -230,7 +241,7 @@ class Association:
             )
         if length > pdu.MAX_CONTROL_PDU_BYTES:
             raise ProtocolError(f"an A-ASSOCIATE-RQ of {length} bytes")
-        body = self._read(length)
+        body = self._read_by(length, deadline)
         self.request = request = negotiation.decode_request(
             pdu.PDU_HEADER.pack(pdu_type, length) + body
         )
@@ -360,10 +371,31 @@ class Association:
     def _await_close(self) -> None:
         """After an A-ASSOCIATE-RJ or A-RELEASE-RP the requestor closes the connection
         (PS3.8 9.2, state Sta13): closing first can make it see the connection drop before
-        it has read our answer. Wait for it, bounded by the socket timeout (ARTIM)."""
+        it has read our answer. Wait for it, the whole wait bounded by the timeout (ARTIM)."""
+        deadline = time.monotonic() + self.timeout_seconds
         with contextlib.suppress(TimeoutError, OSError):
-            while self.connection.recv(_READ_BUFFER):
-                pass  # nothing more may come; whatever does is dropped
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.connection.settimeout(remaining)
+                if not self.connection.recv(_READ_BUFFER):
+                    return  # closed; anything that came before is dropped
+
+    def _read_by(self, size: int, deadline: float) -> bytes:
+        """`size` bytes, all of them before `deadline` (monotonic)."""
+        data = bytearray()
+        while len(data) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.connection.settimeout(remaining)
+            chunk = self._reader.read1(size - len(data))
+            if not chunk:
+                raise EOFError("the peer closed the connection")
+            data += chunk
+        self.connection.settimeout(self.timeout_seconds)
+        return bytes(data)
 
     def _pdu_header(self) -> tuple[int, int]:
         if _QUICKACK is not None:  # re-armed per PDU: Linux drops back to delayed ACKs

@@ -97,6 +97,9 @@ def decode_request(pdu: bytes) -> Request:
 _SUPPORTED = [build_context(VERIFICATION, _globals.DEFAULT_TRANSFER_SYNTAXES)]
 _SERVED_CLASSES = (StorageServiceClass, VerificationServiceClass, ServiceClass)
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03  # presentation context result, PS3.8 9.3.3.2
+TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+# Stored as received, a deflated dataset could not be checked or converted here.
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def accept(request: Request, our_max_pdu: int) -> tuple[dict[int, AcceptedContext], bytes]:
@@ -104,7 +107,10 @@ def accept(request: Request, our_max_pdu: int) -> tuple[dict[int, AcceptedContex
 
     Verification with the default transfer syntaxes; every storage SOP class, private and
     unknown ones included, in the first transfer syntax proposed (PS3.4 B.2.2 lets a
-    storage SCP accept any); other services are rejected. SCP/SCU role selection is
+    storage SCP accept any) except Deflated Explicit VR Little Endian: the next syntax
+    proposed is taken instead, and a context that proposes only deflate is refused
+    (transfer syntaxes not supported), so a sender falls back at negotiation rather than
+    hear 0xC000 for every store. Other services are rejected. SCP/SCU role selection is
     answered; asynchronous operations, extended negotiation and user identity are not (so
     the defaults apply: one operation at a time, PS3.7 D.3.3.3).
     """
@@ -113,9 +119,19 @@ def accept(request: Request, our_max_pdu: int) -> tuple[dict[int, AcceptedContex
     results, reply_roles = negotiate_unrestricted(
         requested.presentation_context_definition_list, _SUPPORTED, roles
     )
+    proposed = {
+        cast(int, context.context_id): [str(syntax) for syntax in context.transfer_syntax]
+        for context in requested.presentation_context_definition_list
+    }
     for context in results:
         if context.result == 0x00 and not _storage_or_verification(str(context.abstract_syntax)):
             context.result = ABSTRACT_SYNTAX_NOT_SUPPORTED
+        elif context.result == 0x00 and str(context.transfer_syntax[0]) == DEFLATED:
+            others = [s for s in proposed.get(cast(int, context.context_id), []) if s != DEFLATED]
+            if others:
+                context.transfer_syntax = [UID(others[0])]
+            else:
+                context.result = TRANSFER_SYNTAXES_NOT_SUPPORTED
     refused = _refused(results)
     reply_roles = [role for role in reply_roles if role.sop_class_uid not in refused]
     accepted = {

@@ -72,7 +72,7 @@ def call(python_callable: str, context: RunContext, activity_id: str | None) -> 
         return function(CodeStep(context, activity_id))
     except PermanentError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # sys.exit() or any BaseException must not end the worker
         error = PermanentError(f"PythonCallable {python_callable} raised {type(exc).__name__}")
         error.detail = traceback.format_exc()
         raise error from None

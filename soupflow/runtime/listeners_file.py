@@ -1,13 +1,16 @@
 """The listener table: what each workflow's receiver is doing, and `<data>/listeners.json`.
 
 Upstream: runtime.supervisor (writes it after every reload), admin (`status` reads it without
-importing the runtime), cli (prints the table). The file exists while a runtime runs.
+importing the runtime), cli (prints the table). The file exists while a runtime runs, beside
+`runtime.pid`: a runtime killed without stopping leaves both behind, and `read` sees that its
+process is gone, so `status` never shows a dead runtime's listeners as listening.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 from soupflow import durable
 
 LISTENERS_FILE = "listeners.json"
+PID_FILE = "runtime.pid"
 
 
 class ListenerState(enum.StrEnum):
@@ -41,6 +45,10 @@ class ListenerRow:
 
 def write(data: Path, rows: list[ListenerRow]) -> None:
     """Replace the file when the table changed (the folder is rescanned every second)."""
+    pid = str(os.getpid()).encode("ascii")
+    pid_path = data / PID_FILE
+    if not pid_path.is_file() or pid_path.read_bytes() != pid:
+        durable.replace(pid_path, pid, sync=False)
     path = data / LISTENERS_FILE
     text = json.dumps([asdict(row) for row in rows], indent=2) + "\n"
     if path.is_file() and path.read_text(encoding="utf-8") == text:
@@ -49,8 +57,10 @@ def write(data: Path, rows: list[ListenerRow]) -> None:
 
 
 def read(data: Path) -> list[ListenerRow]:
-    """The table a running runtime wrote; empty when none runs."""
+    """The table a running runtime wrote; empty when none runs (or it died without stopping)."""
     path = data / LISTENERS_FILE
+    if not _alive(data):
+        return []
     try:
         rows: list[dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -60,3 +70,20 @@ def read(data: Path) -> list[ListenerRow]:
 
 def remove(data: Path) -> None:
     (data / LISTENERS_FILE).unlink(missing_ok=True)
+    (data / PID_FILE).unlink(missing_ok=True)
+
+
+def _alive(data: Path) -> bool:
+    try:
+        pid = int((data / PID_FILE).read_text(encoding="ascii"))
+        os.kill(pid, 0)
+    except (OSError, ValueError):  # no file, not a number, no such process
+        return False
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return " Z " in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:4]
+    except (OSError, IndexError):
+        return False

@@ -273,7 +273,11 @@ class Workers:
             result = Result(
                 Ending.FAILED, TransientError(f"unexpected {type(exc).__name__}"), RECEIVER_STEP
             )
-            log.exception("unexpected error running message %s", message.request_id)
+            log.error(  # one line: an exception's text may quote values from the message
+                "unexpected %s running message %s (retried)",
+                type(exc).__name__,
+                message.request_id,
+            )
         self._finish(message, owner, workflow, result)
 
     def _finish(
