@@ -111,6 +111,22 @@ def test_truncated_dataset_cannot_be_understood(tmp_path: Path) -> None:
         assert len(running.queue.messages()) == 1
 
 
+@pytest.mark.parametrize(
+    "name", ["JPEG2000.dcm", "SC_rgb_rle.dcm", "rtdose_1frame.dcm", "693_J2KI.dcm"]
+)
+def test_a_dataset_cut_inside_encapsulated_pixel_data_cannot_be_understood(
+    tmp_path: Path, name: str
+) -> None:
+    source = sample_file(name)
+    meta = dcmread(source, stop_before_pixels=True).file_meta
+    truncated = tmp_path / name
+    raw = source.read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2 + 64])  # well into the pixel data
+    with receiving(tmp_path / "data", AcceptedCallingAETs="*") as running:
+        assert send_files(running.port, [truncated]) == [CANNOT_UNDERSTAND], meta.TransferSyntaxUID
+        assert running.queue.messages() == []
+
+
 def test_dataset_that_is_not_what_the_request_says_is_refused(tmp_path: Path) -> None:
     mismatched = tmp_path / "mismatched.dcm"
     dataset = dcmread(CT)

@@ -17,7 +17,13 @@ from pydicom.uid import (
 )
 
 from soupflow.dicom import part10 as dicomfile
-from soupflow.dicom.part10 import MalformedObjectError, file_meta, identify, read_object
+from soupflow.dicom.part10 import (
+    MalformedObjectError,
+    dataset_offset,
+    file_meta,
+    identify,
+    read_object,
+)
 
 SHIPPED = sorted(Path(str(get_testdata_file("CT_small.dcm"))).parent.glob("*.dcm"))
 
@@ -87,7 +93,7 @@ def test_identify_walks_undefined_length_sequences_without_pydicom(
 def test_identify_finds_a_truncated_object_malformed(tmp_path: Path) -> None:
     path = tmp_path / "truncated.dcm"
     path.write_bytes(Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()[:-1000])
-    with pytest.raises(MalformedObjectError, match="past the end"):
+    with pytest.raises(MalformedObjectError, match="truncated"):
         identify(path)
 
 
@@ -112,3 +118,31 @@ def test_file_meta_is_what_pydicom_reads(tmp_path: Path) -> None:
     assert meta.ImplementationClassUID.is_valid
     assert meta.FileMetaInformationGroupLength == len(header) - 144
     assert stored.PatientName == original.PatientName
+
+
+SHIPPED = sorted((Path(str(get_testdata_file("CT_small.dcm"))).parent).glob("*.dcm"))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_every_shipped_file_cut_short_is_malformed_or_ends_at_an_element(
+    tmp_path: Path, fraction: float
+) -> None:
+    """identify() refuses a cut object unless the cut falls between two elements (then what
+    remains is a complete, shorter dataset, and pydicom reads it whole)."""
+    checked = 0
+    for source in SHIPPED:
+        raw = source.read_bytes()
+        try:
+            start = dataset_offset(raw[:65536])
+            identify(source)
+        except (MalformedObjectError, ValueError):
+            continue  # the whole file is not one identify accepts: nothing to cut
+        cut = tmp_path / source.name
+        cut.write_bytes(raw[: start + int((len(raw) - start) * fraction)])
+        checked += 1
+        try:
+            identify(cut)
+        except MalformedObjectError:
+            continue
+        read_object(cut)  # raises when an element runs past the end
+    assert checked > 50

@@ -132,13 +132,22 @@ def identify(path: Path) -> tuple[str, str]:
     """(SOP Class UID, SOP Instance UID) of a Part 10 object, or MalformedObjectError."""
     try:
         return _Walk(path).identify()
-    except (_UnclearError, struct.error, ValueError, OSError):
+    except (_TruncatedError, struct.error):  # struct.error: a header runs past the end
+        raise MalformedObjectError(
+            "the dataset ends inside an element, item or sequence (truncated?)"
+        ) from None
+    except (_UnclearError, ValueError, OSError):
         dataset = read_object(path)
         return str(dataset.get("SOPClassUID", "")), str(dataset.get("SOPInstanceUID", ""))
 
 
 class _UnclearError(Exception):
     """Not a plainly well-formed object: `read_object` decides."""
+
+
+class _TruncatedError(_UnclearError):
+    """Every element header read so far was sound, and the object ends inside a value, an
+    item or a sequence: it is cut short, whatever a lenient reader would make of it."""
 
 
 class _Walk:
@@ -217,12 +226,12 @@ class _Walk:
                 )
                 continue
             if value_at + length > end:
-                raise _UnclearError
+                raise _TruncatedError
             if group == 0x0008 and depth == 0 and (group, element) in _IDENTITY:
                 self.found[(group, element)] = uid_text(view[value_at : value_at + length])
             offset = value_at + length
         if depth > 0:
-            raise _UnclearError  # an undefined-length item without its delimiter
+            raise _TruncatedError  # an undefined-length item without its delimiter
         return offset
 
     def _items(
@@ -241,7 +250,7 @@ class _Walk:
             if length == _UNDEFINED_LENGTH:
                 offset = self._dataset(view, offset, end, implicit, endian, depth + 1)
             elif offset + length > end:
-                raise _UnclearError
+                raise _TruncatedError
             else:
                 offset += length
-        raise _UnclearError
+        raise _TruncatedError  # the sequence (or the encapsulated pixel data) has no delimiter
