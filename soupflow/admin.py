@@ -40,7 +40,7 @@ def status(
 ) -> list[WorkflowStatus]:
     moment = time.time() if now is None else now
     rows = listeners_file.read(data)
-    queue = open_queue(data, create=False)
+    queue = open_queue(data, read_only=True)
     try:
         counts = {entry.workflow_id: entry for entry in queue.counts()}
     finally:
@@ -131,7 +131,7 @@ def dead_messages(
     workflows: Path | None = None,
 ) -> list[DeadMessage]:
     names = _names(workflows)
-    queue = open_queue(data, create=False)
+    queue = open_queue(data, read_only=True)
     try:
         messages = [
             m

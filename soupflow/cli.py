@@ -164,6 +164,9 @@ def _status(args: argparse.Namespace) -> int:
     except admin.NoDataError as exc:
         _say(_err, str(exc), "red")
         return EXIT_PROBLEMS
+    except QueueError as exc:  # a full disk, a damaged database: say so, no traceback
+        _say(_err, f"cannot read the queue: {exc}", "red")
+        return EXIT_PROBLEMS
     if args.json:
         _say(_out, json.dumps(admin.status_json(rows), indent=2))
         return EXIT_OK
@@ -210,6 +213,9 @@ def _dead(args: argparse.Namespace) -> int:
         found = admin.dead_messages(args.data, args.workflow, ids, args.workflows)
     except admin.NoDataError as exc:
         _say(_err, str(exc), "red")
+        return EXIT_PROBLEMS
+    except QueueError as exc:
+        _say(_err, f"cannot read the queue: {exc}", "red")
         return EXIT_PROBLEMS
     if args.action == "list":
         table = Table(title=f"dead messages ({len(found)})")

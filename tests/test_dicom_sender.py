@@ -272,6 +272,15 @@ def leave(step):
 """
 
 
+def code_sender(callable_name: str) -> dict[str, Any]:
+    return {
+        "$type": type_of("CodeSenderSetting", NS_SENDERS),
+        "Id": SENDER_ID,
+        "Name": "Python",
+        "PythonCallable": callable_name,
+    }
+
+
 def code_action(callable_name: str) -> dict[str, Any]:
     return action("Code", PythonCallable=callable_name)
 
@@ -300,15 +309,10 @@ def test_a_python_step_sets_a_variable_a_later_file_writer_uses(tmp_path: Path) 
 def test_a_python_step_that_raises_is_dead_with_its_exception_type_and_no_phi_in_the_log(
     tmp_path: Path,
 ) -> None:
-    code_sender = {
-        "$type": type_of("CodeSenderSetting", NS_SENDERS),
-        "Id": SENDER_ID,
-        "Name": "Python",
-        "PythonCallable": "soupflow_test_steps:explode",
-    }
+    exploding = code_sender("soupflow_test_steps:explode")
     [message], runtime = run_until_final(
         tmp_path,
-        documents.workflow(code_sender, Port=0, AcceptedCallingAETs="*"),
+        documents.workflow(exploding, Port=0, AcceptedCallingAETs="*"),
         [sample_file("CT_small.dcm")],
         {"soupflow_test_steps.py": STEPS},
     )
@@ -322,12 +326,7 @@ def test_a_python_step_that_raises_is_dead_with_its_exception_type_and_no_phi_in
 
 
 def test_a_python_step_that_exits_is_dead_and_the_workers_go_on(tmp_path: Path) -> None:
-    exiting = {
-        "$type": type_of("CodeSenderSetting", NS_SENDERS),
-        "Id": SENDER_ID,
-        "Name": "Python",
-        "PythonCallable": "soupflow_test_steps:leave",
-    }
+    exiting = code_sender("soupflow_test_steps:leave")
     files = [sample_file("CT_small.dcm"), sample_file("MR_small.dcm")]
     messages, _ = run_until_final(
         tmp_path,
@@ -340,15 +339,10 @@ def test_a_python_step_that_exits_is_dead_and_the_workers_go_on(tmp_path: Path) 
 
 
 def test_dead_list_shows_the_one_line_reason_and_show_the_detail(tmp_path: Path) -> None:
-    code_sender = {
-        "$type": type_of("CodeSenderSetting", NS_SENDERS),
-        "Id": SENDER_ID,
-        "Name": "Python",
-        "PythonCallable": "soupflow_test_steps:explode",
-    }
+    exploding = code_sender("soupflow_test_steps:explode")
     [message], _ = run_until_final(
         tmp_path,
-        documents.workflow(code_sender, Port=0, AcceptedCallingAETs="*"),
+        documents.workflow(exploding, Port=0, AcceptedCallingAETs="*"),
         [sample_file("CT_small.dcm")],
         {"soupflow_test_steps.py": STEPS},
     )

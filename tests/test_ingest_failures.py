@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -266,3 +269,32 @@ def test_a_peer_that_keeps_sending_after_release_is_dropped(tmp_path: Path) -> N
             finally:
                 trickle.close()
         assert running.listener.active_associations == 0
+
+
+def test_status_and_dead_list_work_on_a_full_disk(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "data", "2m") as data:
+        with receiving(data, AcceptedCallingAETs="*") as running:
+            assert send_files(running.port, [CT]) == [SUCCESS]
+        filler = data / "filler"
+        with filler.open("wb") as stream, contextlib.suppress(OSError):
+            for _ in range(64):  # bounded: 2 MB of tmpfs fills in at most 64 writes of 64 KiB
+                stream.write(bytes(65536))
+                stream.flush()
+        status = subprocess.run(
+            [sys.executable, "-m", "soupflow", "status", "--json", "--data", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        [row] = json.loads(status.stdout)
+        assert row["counts"]["queued"] == 1
+        listed = subprocess.run(
+            [sys.executable, "-m", "soupflow", "dead", "list", "--data", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr

@@ -17,11 +17,12 @@ class NoDataError(Exception):
     """The data folder has no queue: nothing was ever received there."""
 
 
-def open_queue(data: Path, *, create: bool = True) -> Queue:
+def open_queue(data: Path, *, create: bool = True, read_only: bool = False) -> Queue:
     """The queue of a data folder (the one place a backend is chosen). Without `create`, a
-    folder that has no queue yet is a NoDataError rather than a new, empty queue."""
-    if not create and not (data / DATABASE_FILE).is_file():
+    folder that has no queue yet is a NoDataError rather than a new, empty queue;
+    `read_only` opens it for reading only (it works on a full disk)."""
+    if (not create or read_only) and not (data / DATABASE_FILE).is_file():
         raise NoDataError(
             f"no queue in {data}: start `soupflow run --data {data}` first, or pass --data"
         )
-    return SqliteQueue(data)
+    return SqliteQueue(data, read_only=read_only)

@@ -116,21 +116,37 @@ class _Batch:
 
 
 class SqliteQueue:
-    def __init__(self, data_folder: Path, busy_timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self, data_folder: Path, busy_timeout_seconds: float = 5.0, *, read_only: bool = False
+    ) -> None:
+        """The queue in `data_folder`. `read_only` (operators' reads): no write at all, and
+        when even a reader's shared-memory file cannot be made (a full disk) the database is
+        read as it is on disk, so `status` still answers."""
         self.path = data_folder / DATABASE_FILE
         self._lock = threading.Lock()
         self._batch_lock = threading.Lock()
         self._committer = threading.Lock()
         self._open_batch: _Batch | None = None
         try:
-            data_folder.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path,
-                timeout=busy_timeout_seconds,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            if read_only:
+                self._db = _read_only(self.path, busy_timeout_seconds)
+            else:
+                data_folder.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(
+                    self.path,
+                    timeout=busy_timeout_seconds,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
             self._db.row_factory = sqlite3.Row
+            if read_only:
+                (version,) = self._db.execute("PRAGMA user_version").fetchone()
+                if version != SCHEMA_VERSION:
+                    raise QueueError(
+                        f"the queue database {self.path} has schema version {version}, this "
+                        f"soupflow reads {SCHEMA_VERSION}: start `soupflow run` once to migrate it"
+                    )
+                return
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             with self._write() as db:
@@ -488,3 +504,22 @@ def _record(db: sqlite3.Connection, request_id: str, outcomes: tuple[ActivityOut
         "INSERT OR REPLACE INTO activity_outcomes VALUES (?, ?, ?, ?, ?)",
         [(request_id, o.activity_id, int(o.succeeded), o.detail, o.at) for o in outcomes],
     )
+
+
+def _read_only(path: Path, busy_timeout_seconds: float) -> sqlite3.Connection:
+    if not path.is_file():
+        raise sqlite3.OperationalError("no such database")
+    try:
+        db = sqlite3.connect(
+            f"{path.as_uri()}?mode=ro",
+            uri=True,
+            timeout=busy_timeout_seconds,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        db.execute("PRAGMA user_version").fetchone()
+        return db
+    except sqlite3.OperationalError:  # e.g. a full disk: no room for the -shm file
+        return sqlite3.connect(
+            f"{path.as_uri()}?immutable=1", uri=True, isolation_level=None, check_same_thread=False
+        )
