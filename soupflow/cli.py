@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,12 +52,21 @@ class _EventLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         style = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        line = f"{stamp} {self.format(record)}"
+        line = f"{stamp} {printable(self.format(record))}"
         if style is None:  # plain lines (one per stored instance) skip rich's rendering
             _out.file.write(line + "\n")
             _out.file.flush()
         else:
             _say(_out, line, style)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """One line an operator's terminal shows as it is: control characters (an AE title with
+    an escape sequence, a line break in a peer's text) become \\xNN."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _is_loopback(host: str) -> bool:

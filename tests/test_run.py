@@ -5,10 +5,16 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from bench.scu import associate_request, read_pdu
+from soupflow.cli import printable
 from tests import documents
 from tests.dicom import RuntimeProcess, sample_file, send_files
 
 OTHER_ID = "66666666-6666-4666-8666-666666666666"
+
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
 
 
 def test_a_port_in_use_fails_only_its_workflow(tmp_path: Path) -> None:
@@ -44,3 +50,26 @@ def test_sigterm_stops_cleanly_and_a_public_bind_is_warned_about(tmp_path: Path)
     assert "listening on 0.0.0.0: DICOM traffic is unencrypted" in log
     assert "nothing listens yet (watching for files)" in log
     assert "stopping" in log
+
+
+def test_control_characters_from_the_network_never_reach_the_terminal_raw(
+    tmp_path: Path,
+) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))  # MODALITY01 only
+    runtime = RuntimeProcess(workflows, tmp_path / "data", "--workers", "0")
+    request = bytearray(associate_request("X", "SOUPFLOW", [(1, CT, EXPLICIT)]))
+    request[26:42] = b"EVIL\x1b[2J\x1b]0;\x07\x9b".ljust(16, b" ")  # calling AE, PS3.8 9.3.2
+    with socket.create_connection(("127.0.0.1", runtime.port), timeout=30) as peer:
+        peer.sendall(bytes(request))
+        assert read_pdu(peer)[0] in (0x03, 0x07)  # A-ASSOCIATE-RJ, or A-ABORT: not a valid AE
+    assert runtime.terminate() == 0
+    log = runtime.log.read_bytes()
+    assert b"association from 127.0.0.1" in log
+    assert not [byte for byte in log if byte < 0x20 and byte not in b"\n"]  # no ESC, no BEL
+
+
+def test_printable_escapes_control_characters() -> None:
+    assert printable("a\x1b[2Jb\nc\x9bd") == "a\\x1b[2Jb\\x0ac\\x9bd"
+    assert printable("Müller ^ 王") == "Müller ^ 王"
