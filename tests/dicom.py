@@ -8,6 +8,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -57,6 +58,18 @@ def sample_file(name: str) -> Path:
 
 def receiver(**fields: Any) -> DicomReceiverSetting:
     return DicomReceiverSetting.model_validate(documents.receiver(Port=0, **fields))
+
+
+def soupflow(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """A `soupflow` command as an operator types it (wide output, no exit check)."""
+    return subprocess.run(
+        [sys.executable, "-m", "soupflow", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "250"},
+    )
 
 
 def storescu_send(port: int, *paths: Path) -> None:

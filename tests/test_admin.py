@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from tests.dicom import (
     require_tool,
     sample_file,
     send_files,
+    soupflow,
     wait_for,
 )
 from tests.documents import RECEIVER_ID, VARIABLES_ID, action, file_writer, http_sender, transformer
@@ -43,17 +42,6 @@ def place(folder: Path, name: str, document: dict[str, Any]) -> Path:
     target = folder / name
     os.replace(temporary, target)
     return target
-
-
-def soupflow(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "soupflow", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "COLUMNS": "250"},
-    )
 
 
 def listening(rows: list[dict[str, Any]]) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from tests.dicom import (
     require_tool,
     sample_file,
     send_files,
+    soupflow,
     wait_for,
 )
 from tests.documents import (
@@ -347,19 +347,8 @@ def test_dead_list_shows_the_one_line_reason_and_show_the_detail(tmp_path: Path)
         {"soupflow_test_steps.py": STEPS},
     )
     data = str(tmp_path / "data")
-    listed = subprocess.run(
-        [sys.executable, "-m", "soupflow", "dead", "list", "--data", data],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "COLUMNS": "300"},
-    ).stdout
+    listed = soupflow("dead", "list", "--data", data).stdout  # exit status: the text checks it
     assert message.request_id in listed and "raised ValueError" in listed
     assert "CompressedSamples" not in listed and "Traceback" not in listed
-    shown = subprocess.run(
-        [sys.executable, "-m", "soupflow", "dead", "show", message.request_id, "--data", data],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    shown = soupflow("dead", "show", message.request_id, "--data", data).stdout
     assert "Traceback" in shown and "CompressedSamples^CT1" in shown  # for the operator who asks

@@ -8,7 +8,6 @@ import os
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from tests.dicom import (
     receiving,
     sample_file,
     send_files,
+    soupflow,
     unavailable,
     wait_for,
 )
@@ -280,21 +280,9 @@ def test_status_and_dead_list_work_on_a_full_disk(tmp_path: Path) -> None:
             for _ in range(64):  # bounded: 2 MB of tmpfs fills in at most 64 writes of 64 KiB
                 stream.write(bytes(65536))
                 stream.flush()
-        status = subprocess.run(
-            [sys.executable, "-m", "soupflow", "status", "--json", "--data", str(data)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        status = soupflow("status", "--json", "--data", str(data))
         assert status.returncode == 0, status.stderr
         [row] = json.loads(status.stdout)
         assert row["counts"]["queued"] == 1
-        listed = subprocess.run(
-            [sys.executable, "-m", "soupflow", "dead", "list", "--data", str(data)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        listed = soupflow("dead", "list", "--data", str(data))
         assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr

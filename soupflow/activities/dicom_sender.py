@@ -58,7 +58,7 @@ def run(setting: model.DicomSenderSetting, activity: Activity) -> Outcome:
     if compressed:
         needs.append(Proposal(sop_class, UNCOMPRESSED))
     pool = activity.connections.associations
-    for fresh in (False, True):
+    for retried in (False, True):
         try:
             association, reused = pool.take(where, needs, setting.max_associations)
         except RequestorError as exc:
@@ -67,8 +67,8 @@ def run(setting: model.DicomSenderSetting, activity: Activity) -> Outcome:
             code, note = _store(association, activity, compressed, where)
         except AssociationLostError as exc:
             pool.discard(association)
-            if reused and not fresh:
-                continue  # dropped while idle: a new association, at once
+            if reused and not retried:
+                continue  # the peer dropped it while it was idle: once more, at once
             raise TransientError(str(exc)) from None
         except BaseException:
             pool.give(association, setting.keep_association_open_seconds)

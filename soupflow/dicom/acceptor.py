@@ -228,12 +228,7 @@ class Association:
         # The whole request within the timeout (ARTIM, PS3.8 9.1.5), not each read: a peer
         # trickling a byte at a time must not hold a connection slot.
         deadline = time.monotonic() + self.timeout_seconds
-        header = self._read_by(pdu.PDU_HEADER.size, deadline)
-        pdu_type, length = pdu.PDU_HEADER.unpack(header)
-        if pdu_type not in pdu.KNOWN_PDU_TYPES:
-            raise ProtocolError(
-                f"unrecognized PDU type 0x{pdu_type:02X}", pdu.REASON_UNRECOGNIZED_PDU
-            )
+        pdu_type, length = self._pdu_header(deadline)
         if pdu_type != pdu.A_ASSOCIATE_RQ_PDU:
             raise ProtocolError(
                 f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
@@ -243,7 +238,7 @@ class Association:
             raise ProtocolError(f"an A-ASSOCIATE-RQ of {length} bytes")
         body = self._read_by(length, deadline)
         self.request = request = negotiation.decode_request(
-            pdu.PDU_HEADER.pack(pdu_type, length) + body
+            pdu.PDU_HEADER.pack(pdu_type, length) + body  # the whole PDU, as pynetdicom reads it
         )
         session = Session(
             self.peer_address, self.peer_port, request.calling_aet, request.called_aet
@@ -397,10 +392,13 @@ class Association:
         self.connection.settimeout(self.timeout_seconds)
         return bytes(data)
 
-    def _pdu_header(self) -> tuple[int, int]:
+    def _pdu_header(self, deadline: float | None = None) -> tuple[int, int]:
+        """The next PDU's type and length (read before `deadline`, when one is given)."""
         if _QUICKACK is not None:  # re-armed per PDU: Linux drops back to delayed ACKs
             self.connection.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        pdu_type, length = pdu.PDU_HEADER.unpack(self._read(pdu.PDU_HEADER.size))
+        size = pdu.PDU_HEADER.size
+        header = self._read(size) if deadline is None else self._read_by(size, deadline)
+        pdu_type, length = pdu.PDU_HEADER.unpack(header)
         if pdu_type not in pdu.KNOWN_PDU_TYPES:
             raise ProtocolError(
                 f"unrecognized PDU type 0x{pdu_type:02X}", pdu.REASON_UNRECOGNIZED_PDU

@@ -200,16 +200,7 @@ class Association:
 
     def c_echo(self) -> int:
         context_id = self.context_for(negotiation.VERIFICATION, (IMPLICIT_VR_LITTLE_ENDIAN,))
-        if context_id is None:
-            context_id = next(
-                (
-                    cid
-                    for cid, context in self.contexts.items()
-                    if context.abstract_syntax == negotiation.VERIFICATION
-                ),
-                None,
-            )
-        if context_id is None:
+        if context_id is None:  # `echo` proposes Verification in Implicit VR Little Endian only
             raise ContextRefusedError(f"{self.destination} refused Verification")
         message_id = self._next_message_id()
         return self._operation(message_id, context_id, dimse.echo_request(message_id), None)

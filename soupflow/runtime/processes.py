@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from soupflow.runtime.workers import Workers
+from soupflow.runtime.workers import Workers, taken_back
 from soupflow.store import open_queue
 from soupflow.store.queue import Queue
 from soupflow.store.spool import Spool
@@ -140,14 +140,11 @@ class WorkerProcesses:
                 if child.poll() is None or self._stopping.is_set():
                     continue
                 del self._children[boot]
-                taken = self.queue.recover(f"{self.node}/{boot}", time.time())
                 log.error(
-                    "worker process %s exited with %s: %d message(s) it held are queued "
-                    "again; starting another",
-                    boot,
-                    child.returncode,
-                    len(taken),
+                    "worker process %s exited with %s: starting another", boot, child.returncode
                 )
+                taken = self.queue.recover(f"{self.node}/{boot}", time.time())
+                taken_back(taken, f"worker process {boot} held")
                 self._spawn()
 
     def stop(self) -> None:

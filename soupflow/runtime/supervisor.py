@@ -28,9 +28,9 @@ from soupflow.receivers.dicom import parse_allow_list
 from soupflow.runtime import listeners_file, reconcile
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
 from soupflow.runtime.processes import WorkerProcesses, digest, new_boot
-from soupflow.runtime.workers import Workers
+from soupflow.runtime.workers import Workers, taken_back
 from soupflow.store import open_queue
-from soupflow.store.queue import Queue, State
+from soupflow.store.queue import Queue
 from soupflow.store.spool import Spool
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 from soupflow.workflow.model import DicomSenderSetting
@@ -66,7 +66,7 @@ class Runtime:
         host: str,
         workers: int = 2,
         keep_objects: bool = False,
-        processes: int = 1,
+        processes: int = 0,
     ) -> None:
         self.workflows_folder = workflows
         self.data = data
@@ -100,15 +100,7 @@ class Runtime:
         )  # where PythonCallable modules may live
         self.queue = open_queue(self.data)
         recovered = self.queue.recover(self.node, time.time())
-        if recovered:
-            log.info(
-                "%d message(s) left processing by the last run on %s are queued again",
-                len(recovered),
-                self.node,
-            )
-        for message in recovered:
-            if message.state == State.DEAD:
-                log.error("message %s is dead: %s", message.request_id, message.reason)
+        taken_back(recovered, f"left processing by the last run on {self.node}")
         self._ingest = Ingest(spool, self.queue, on_queued=self._wake_workers)
         self.reload()
         self.workers = Workers(

@@ -217,12 +217,7 @@ class Workers:
 
     def _expire(self, now: float) -> None:
         self.connections.close_idle()  # also under load: another destination may be idle
-        expired = self.queue.expire_leases(now)
-        if expired:
-            log.info("%d message(s) whose worker stopped are queued again", len(expired))
-        for message in expired:
-            if message.state == State.DEAD:
-                log.error("message %s is dead: %s", message.request_id, message.reason)
+        taken_back(self.queue.expire_leases(now), "whose worker stopped")
 
     def process(self, message: Message, owner: str) -> None:
         """Run one leased message to its outcome."""
@@ -355,6 +350,17 @@ class Workers:
             _name(workflow.setting(activity)),
             reason,
         )
+
+
+def taken_back(messages: list[Message], whose: str) -> None:
+    """Log the messages a lost worker held (`whose`: how it was lost): queued again, or dead
+    at their last allowed expiry (the queue decides, `MAX_LEASE_EXPIRIES`)."""
+    again = [message for message in messages if message.state != State.DEAD]
+    if again:
+        log.info("%d message(s) %s are queued again", len(again), whose)
+    for message in messages:
+        if message.state == State.DEAD:
+            log.error("message %s is dead: %s", message.request_id, message.reason)
 
 
 def _name(entry: Entry | None) -> str:
