@@ -269,6 +269,16 @@ def explode(step):
 def leave(step):
     import sys
     sys.exit(3)
+
+
+def vanish(step):
+    import os
+    os._exit(7)
+
+
+def spin(step):
+    while True:
+        pass
 """
 
 
@@ -336,6 +346,40 @@ def test_a_python_step_that_exits_is_dead_and_the_workers_go_on(tmp_path: Path) 
     )
     assert [m.state for m in messages] == [State.DEAD, State.DEAD]  # both ran: no worker died
     assert all("raised SystemExit" in (m.reason or "") for m in messages)
+
+
+def test_a_python_step_that_ends_its_process_is_dead_and_the_next_one_runs(
+    tmp_path: Path,
+) -> None:
+    document = documents.workflow(
+        code_sender("soupflow_test_steps:vanish"), Port=0, AcceptedCallingAETs="*"
+    )
+    files = [sample_file("CT_small.dcm"), sample_file("MR_small.dcm")]
+    messages, _ = run_until_final(tmp_path, document, files, {"soupflow_test_steps.py": STEPS})
+    assert [m.state for m in messages] == [State.DEAD, State.DEAD]  # a new process each time
+    assert all("ended its process (exit code 7)" in (m.reason or "") for m in messages)
+
+
+def test_a_python_step_that_loops_is_stopped_at_its_time_limit_and_the_workers_go_on(
+    tmp_path: Path,
+) -> None:
+    spinning = code_sender("soupflow_test_steps:spin") | {"TimeoutSeconds": 1}
+    document = documents.workflow(
+        spinning,
+        transformer(VARIABLES_ID, code_action("soupflow_test_steps:tag")),
+        Port=0,
+        AcceptedCallingAETs="*",
+        VariableTransformers=VARIABLES_ID,
+    )
+    files = [sample_file("CT_small.dcm"), sample_file("MR_small.dcm")]
+    messages, _ = run_until_final(tmp_path, document, files, {"soupflow_test_steps.py": STEPS})
+    assert [m.state for m in messages] == [State.DEAD, State.DEAD]
+    assert all(
+        (m.reason or "").startswith(
+            "PythonCallable soupflow_test_steps:spin ran past its TimeoutSeconds (1 s)"
+        )
+        for m in messages
+    )
 
 
 def test_dead_list_shows_the_one_line_reason_and_show_the_detail(tmp_path: Path) -> None:

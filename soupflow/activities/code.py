@@ -11,5 +11,7 @@ from soupflow.workflow import model
 
 
 def run(setting: model.CodeSenderSetting, activity: Activity) -> Outcome:
-    result = call(setting.python_callable, activity.context, activity.activity_id)
-    return Outcome(None if result is None else str(result), "returned")
+    result = call(
+        setting.python_callable, activity.context, activity.activity_id, setting.timeout_seconds
+    )
+    return Outcome(result, "returned")

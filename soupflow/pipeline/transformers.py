@@ -121,7 +121,7 @@ def _run_one(context: RunContext, action: model.Action, activity_id: str | None)
         )
         context.append_line(action.to_setting or activity_id, action.to_direction, line)
     elif isinstance(action, model.CodeTransformerAction):
-        code.call(action.python_callable, context, activity_id)
+        code.call(action.python_callable, context, activity_id, action.timeout_seconds)
 
 
 def formatted(value: str, fields: model.FormattingFields) -> str:

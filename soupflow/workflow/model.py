@@ -335,6 +335,12 @@ class CodeFields(FormatModel):
     python_callable: Str = Field(
         "", description="soupflow extension: `package.module:function` run instead of `Code`."
     )
+    timeout_seconds: Int = Field(
+        30,
+        ge=1,
+        description="soupflow extension: the time limit of one call; past it the call is"
+        " stopped and the message is dead.",
+    )
 
 
 class CodeTransformerAction(Action, CodeFields):
