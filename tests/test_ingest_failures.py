@@ -200,22 +200,48 @@ def test_idle_peers_are_dropped_after_the_association_timeout(tmp_path: Path) ->
         assert send_files(running.port, [CT]) == [SUCCESS]
 
 
-def test_connections_that_never_associate_are_capped(tmp_path: Path) -> None:
-    """MaxAssociations 1: two silent connections are served (and time out in due course);
-    a third is closed at once; once they are gone, a sender is served again."""
+def test_500_silent_connections_hold_no_thread_and_a_real_store_gets_through(
+    tmp_path: Path,
+) -> None:
     with receiving(tmp_path / "data", MaxAssociations=1, AssociationTimeoutSeconds=60) as running:
         silent = [
             socket.create_connection(("127.0.0.1", running.port), timeout=DEADLINE_SECONDS)
+            for _ in range(500)
+        ]
+        try:
+            assert send_files(running.port, [CT]) == [SUCCESS]
+            assert running.listener.active_associations == 0  # none of them has a thread
+        finally:
+            for connection in silent:
+                connection.close()
+        assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_past_the_connection_limit_a_sender_hears_a_transient_rejection_at_once(
+    tmp_path: Path,
+) -> None:
+    """MaxAssociations 1: two peers that trickle their requests hold both connection slots;
+    a third, whole request is answered A-ASSOCIATE-RJ (rejected-transient, local limit
+    exceeded) without waiting for them; once they are gone, a sender is served again."""
+    request = associate_request("MODALITY01", "SOUPFLOW", [(1, CT_IMAGE_STORAGE, EXPLICIT)])
+    with receiving(tmp_path / "data", MaxAssociations=1, AssociationTimeoutSeconds=60) as running:
+        slow = [
+            socket.create_connection(("127.0.0.1", running.port), timeout=DEADLINE_SECONDS)
             for _ in range(2)
         ]
+        for connection in slow:
+            connection.sendall(request[:1])
         wait_for(lambda: running.listener.active_associations == 2, "both connections served")
         with socket.create_connection(
             ("127.0.0.1", running.port), timeout=DEADLINE_SECONDS
         ) as third:
-            assert third.recv(1) == b""  # closed without a word
-        for connection in silent:
+            third.sendall(request)
+            answer = third.recv(10)
+        assert answer[0] == 0x03  # A-ASSOCIATE-RJ
+        assert (answer[7], answer[8], answer[9]) == (2, 3, 2)  # transient, provider, limit
+        for connection in slow:
             connection.close()
-        wait_for(lambda: running.listener.active_associations == 0, "the silent ones to go")
+        wait_for(lambda: running.listener.active_associations == 0, "the slow ones to go")
         assert send_files(running.port, [CT]) == [SUCCESS]
 
 

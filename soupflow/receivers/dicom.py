@@ -17,6 +17,7 @@ itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -24,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from soupflow.dicom import status
+from soupflow.dicom import negotiation, status
 from soupflow.dicom.acceptor import Association, ReceivedObject, Session
 from soupflow.dicom.negotiation import (
     CALLED_AE_NOT_RECOGNIZED,
@@ -45,6 +46,56 @@ _ABORT_WAIT_SECONDS = 5.0
 # or are over the limit and about to hear A-ASSOCIATE-RJ.
 _CONNECTIONS_PER_ASSOCIATION = 2
 _ACCEPT_RETRY_SECONDS = 0.1
+# Connections that have not sent a byte yet, per listener: each costs only a descriptor.
+_MAX_WAITING = 1000
+_SILENT_REPORT_SECONDS = 60.0
+
+
+class _SilentCount:
+    """Connections closed before they said anything, reported at most once a minute."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        self.closed = self.evicted = 0
+        self._reported = time.monotonic()
+
+    def report(self) -> None:
+        now = time.monotonic()
+        if (self.closed or self.evicted) and now - self._reported >= _SILENT_REPORT_SECONDS:
+            log.warning(
+                "workflow %s closed %d connections that sent nothing within"
+                " AssociationTimeoutSeconds and %d more to make room for new ones",
+                self.workflow_id,
+                self.closed,
+                self.evicted,
+            )
+            self.closed = self.evicted = 0
+            self._reported = now
+
+
+def _drop_oldest(selector: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> None:
+    connection = next(iter(waiting))
+    del waiting[connection]
+    selector.unregister(connection)
+    connection.close()
+
+
+def _reject_at_once(connection: socket.socket) -> None:
+    """A-ASSOCIATE-RJ (transient, local limit exceeded) without a thread: read what the peer
+    sent (so that closing does not reset the connection before it reads the answer), answer,
+    close."""
+    try:
+        connection.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(16):  # a request is a few KiB; this bounds a peer that floods
+                if not connection.recv(65536):
+                    break
+        connection.send(negotiation.reject(LOCAL_LIMIT_EXCEEDED))
+        connection.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        connection.close()
 
 
 def parse_allow_list(allow_list: str) -> frozenset[str] | None:
@@ -172,39 +223,82 @@ class Listener:
         log.info("workflow %s stopped listening", self.workflow_id)
 
     def _accept_loop(self) -> None:
+        """Accept, and keep each new connection here until its first bytes arrive: a silent
+        connection costs a descriptor, not a thread, and is closed at the association
+        timeout (or, past `_MAX_WAITING`, when a newer one needs its place)."""
         assert self._server is not None and self._wake is not None
         server, wake = self._server, self._wake[0]
+        waiting: dict[socket.socket, float] = {}  # connection -> deadline, oldest first
+        silent = _SilentCount(self.workflow_id)
+        timeout = float(self.receiver.association_timeout_seconds)
         with selectors.DefaultSelector() as selector:
             selector.register(server, selectors.EVENT_READ)
             selector.register(wake, selectors.EVENT_READ)
-            while True:
-                ready = {key.fileobj for key, _ in selector.select()}
-                if wake in ready:
-                    return
-                try:
-                    connection, _ = server.accept()
-                except OSError as exc:  # out of file descriptors, or the peer already left
-                    log.error(
-                        "workflow %s cannot accept a connection: %s", self.workflow_id, exc.strerror
-                    )
-                    time.sleep(_ACCEPT_RETRY_SECONDS)
-                    continue
-                self._serve(connection)
+            try:
+                while True:
+                    wait = None
+                    if waiting:
+                        wait = max(0.0, next(iter(waiting.values())) - time.monotonic())
+                    for key, _ in selector.select(wait):
+                        if key.fileobj is wake:
+                            return
+                        if key.fileobj is server:
+                            self._accept(server, selector, waiting, silent, timeout)
+                        else:
+                            connection = key.fileobj
+                            assert isinstance(connection, socket.socket)
+                            selector.unregister(connection)
+                            del waiting[connection]
+                            self._serve(connection)
+                    now = time.monotonic()
+                    while waiting and next(iter(waiting.values())) <= now:
+                        _drop_oldest(selector, waiting)
+                        silent.closed += 1
+                    silent.report()
+            finally:
+                for connection in waiting:
+                    connection.close()
+
+    def _accept(
+        self,
+        server: socket.socket,
+        selector: selectors.BaseSelector,
+        waiting: dict[socket.socket, float],
+        silent: _SilentCount,
+        timeout: float,
+    ) -> None:
+        try:
+            connection, _ = server.accept()
+        except OSError as exc:  # out of file descriptors, or the peer already left
+            if waiting:  # the longest-silent connection gives its descriptor up
+                _drop_oldest(selector, waiting)
+                silent.evicted += 1
+                return
+            log.error("workflow %s cannot accept a connection: %s", self.workflow_id, exc.strerror)
+            time.sleep(_ACCEPT_RETRY_SECONDS)
+            return
+        if len(waiting) >= _MAX_WAITING:
+            _drop_oldest(selector, waiting)
+            silent.evicted += 1
+        selector.register(connection, selectors.EVENT_READ)
+        waiting[connection] = time.monotonic() + timeout
 
     def _serve(self, connection: socket.socket) -> None:
+        """A connection that has sent its first bytes: an association thread, or, past the
+        connection limit, a transient A-ASSOCIATE-RJ at once."""
         receiver = self.receiver
         with self._lock:
             open_connections = len(self._associations)
         if open_connections >= _CONNECTIONS_PER_ASSOCIATION * receiver.max_associations:
-            # A flood of connections that never associate (a scanner, a broken client) would
-            # otherwise hold a thread each for the association timeout.
+            # Peers that trickle their requests hold a thread each, up to the negotiation
+            # deadline; the next one hears "try again later" instead of waiting for them.
             log.warning(
-                "workflow %s closed a new connection: %d connections open (MaxAssociations %d)",
+                "workflow %s rejected a connection: %d connections open (MaxAssociations %d)",
                 self.workflow_id,
                 open_connections,
                 receiver.max_associations,
             )
-            connection.close()
+            _reject_at_once(connection)
             return
         try:
             association = Association(

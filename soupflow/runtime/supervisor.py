@@ -10,8 +10,10 @@ a workflow that was deleted still complete with its last version.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import socket
 import sys
 import threading
@@ -93,6 +95,7 @@ class Runtime:
 
     def start(self) -> None:
         """Open the store, recover from a crash, load the folder, start the workers."""
+        _raise_descriptor_limit()
         spool = Spool(self.data)
         spool.clear_incoming()
         sys.path.insert(
@@ -302,3 +305,14 @@ class Runtime:
                 self.queue.close()
                 self.queue = None
             listeners_file.remove(self.data)
+
+
+def _raise_descriptor_limit() -> None:
+    """Every connection costs a descriptor (a silent one costs nothing else): lift the soft
+    limit to the hard one, as servers do, so that a flood of connections does not starve
+    the spool and the queue of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
