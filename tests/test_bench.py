@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import forward, ingest, message
+from bench import forward, ingest, message, soak
 
 
 def test_message_benchmark_smoke() -> None:
@@ -39,3 +39,11 @@ def test_forwarding_benchmark_smoke(tmp_path: Path) -> None:
         assert float(row.split(" | ")[1].replace(",", "")) > 0, row
     assert "| empty after the last store |" in sustained
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_soak_benchmark_smoke() -> None:
+    lines = soak.main(["--smoke"])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    assert set(soak.ABUSERS) <= set(rows)
+    assert rows["normal stores failed"].endswith("| 0 |")
+    assert int(rows["normal stores (storescu)"].split(" | ")[-1].strip(" |").replace(",", "")) > 0
