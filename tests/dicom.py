@@ -104,7 +104,9 @@ class Receiving:
         self.data = data
         self.spool = Spool(data)
         self.queue = SqliteQueue(data, busy_timeout_seconds=busy_timeout)
-        self.listener = Listener("workflow-1", setting, host, Ingest(self.spool, self.queue))
+        self.listener = Listener(
+            "workflow-1", setting, host, Ingest(self.spool, self.queue), data.parent
+        )
         self.listener.start()
 
     @property

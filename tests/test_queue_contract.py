@@ -310,9 +310,10 @@ def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path: Path)
     database.close()
     queue = SqliteQueue(data)
     try:
-        assert queue.schema_version == 2
+        assert queue.schema_version == 3
         leased = queue.lease("worker-1", 10.0, LEASE)
         assert leased is not None and leased.request_id == "r1" and leased.lease_expiries == 0
+        assert leased.arrival.origin.client_cert_sha256 == ""  # no certificate before TLS
     finally:
         queue.close()
 

@@ -55,6 +55,8 @@ class Session:
     peer_port: int
     calling_aet: str
     called_aet: str
+    client_cert_sha256: str = ""  # over TLS with a client certificate
+    client_cert_subject: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,8 +151,12 @@ class Association:
         our_max_pdu: int,
         timeout_seconds: float,
         handler: Handler,
+        client_certificate: tuple[str, str] = ("", ""),
     ) -> None:
+        """`connection` may be a TLS socket whose handshake is done; `client_certificate`
+        is its peer's (SHA-256 fingerprint, subject)."""
         self.connection = connection
+        self.client_certificate = client_certificate
         self.peer_address, self.peer_port = connection.getpeername()[:2]
         self.incoming = incoming
         self.our_max_pdu = our_max_pdu
@@ -163,6 +169,7 @@ class Association:
         self._reply_to = 0  # the presentation context of the C-STORE-RQ being received
         self._send_lock = threading.Lock()
         self._closed = threading.Event()
+        self._abort_requested = threading.Event()
         self.timeout_seconds = timeout_seconds
         connection.settimeout(timeout_seconds)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -195,7 +202,15 @@ class Association:
             )
             self._send(pdu.abort(pdu.REASON_NOT_SPECIFIED))
         except (ConnectionError, EOFError, OSError) as exc:
-            if not self._closed.is_set():
+            if self._abort_requested.is_set():
+                log.warning(
+                    "aborted association from %s:%s calling %r: the listener is stopping",
+                    self.peer_address,
+                    self.peer_port,
+                    self.calling_aet,
+                )
+                self._send(pdu.abort(pdu.REASON_NOT_SPECIFIED))
+            elif not self._closed.is_set():
                 log.warning(
                     "association from %s:%s calling %r ended: connection lost (%s)",
                     self.peer_address,
@@ -211,9 +226,12 @@ class Association:
                 self.handler.on_release(self.session)
 
     def abort(self) -> None:
-        """From another thread: send an A-ABORT and end the association."""
-        self._send(pdu.abort(pdu.REASON_NOT_SPECIFIED))
-        self.close()
+        """From another thread: end the association. Only the association's own thread
+        writes (OpenSSL forbids two writers on one TLS socket): this shuts the socket's read
+        side, which wakes that thread's read; it sends the A-ABORT and closes."""
+        self._abort_requested.set()
+        with contextlib.suppress(OSError):  # the plain socket's call: no TLS state touched
+            socket.socket.shutdown(self.connection, socket.SHUT_RD)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -241,7 +259,11 @@ class Association:
             pdu.PDU_HEADER.pack(pdu_type, length) + body  # the whole PDU, as pynetdicom reads it
         )
         session = Session(
-            self.peer_address, self.peer_port, request.calling_aet, request.called_aet
+            self.peer_address,
+            self.peer_port,
+            request.calling_aet,
+            request.called_aet,
+            *self.client_certificate,
         )
         rejection = request.rejection() or self.handler.on_associate(session, request)
         if rejection is not None:

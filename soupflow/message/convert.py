@@ -82,7 +82,7 @@ def received_at_text(timestamp: float) -> str:
 
 
 def _association(arrival: Arrival) -> dict[str, Any]:
-    return {
+    association: dict[str, Any] = {
         "CallingAET": arrival.origin.calling_aet,
         "CalledAET": arrival.origin.called_aet,
         "PeerAddress": arrival.origin.peer_address,
@@ -94,6 +94,10 @@ def _association(arrival: Arrival) -> dict[str, Any]:
         "WorkflowId": arrival.workflow_id,
         "Warnings": [],
     }
+    if arrival.origin.client_cert_sha256:  # over TLS, with a client certificate
+        association["ClientCertSha256"] = arrival.origin.client_cert_sha256
+        association["ClientCertSubject"] = arrival.origin.client_cert_subject
+    return association
 
 
 def _common_fields(top: dict[int, Element]) -> dict[str, str]:

@@ -59,6 +59,8 @@ class Association(TypedDict):
     WorkflowId: str
     Warnings: list[str]
     ParseError: NotRequired[str]
+    ClientCertSha256: NotRequired[str]  # over TLS, when the client sent a certificate
+    ClientCertSubject: NotRequired[str]
 
 
 class CommonFields(TypedDict):

@@ -130,6 +130,8 @@ class RunContext:
             "calledaet": self.arrival.origin.called_aet,
             "peeraddress": self.arrival.origin.peer_address,
             "sopinstanceuid": self.arrival.sop_instance_uid,
+            "clientcertsha256": self.arrival.origin.client_cert_sha256,
+            "clientcertsubject": self.arrival.origin.client_cert_subject,
         }
         value = facts.get(key, _CONSTANTS.get(key, ""))
         return format_value(value, spec)

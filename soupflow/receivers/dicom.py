@@ -24,7 +24,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from soupflow import tls
 from soupflow.dicom import negotiation, status
 from soupflow.dicom.acceptor import Association, ReceivedObject, Session
 from soupflow.dicom.negotiation import (
@@ -38,6 +40,7 @@ from soupflow.ingest import Ingest
 from soupflow.receivers.base import ReceiverError
 from soupflow.store.queue import Origin
 from soupflow.workflow.model import DicomReceiverSetting
+from soupflow.workflow.types import ListenerAuthentication
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,19 @@ def _drop_oldest(selector: selectors.BaseSelector, waiting: dict[socket.socket, 
     del waiting[connection]
     selector.unregister(connection)
     connection.close()
+
+
+def _closed_unheard(connection: socket.socket) -> bool:
+    """The connection's first event was its end (it sent nothing): closed here, no thread."""
+    try:
+        ended = not connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        ended = True
+    if ended:
+        connection.close()
+    return ended
 
 
 def _reject_at_once(connection: socket.socket) -> None:
@@ -136,28 +152,46 @@ class Listener:
 
     @staticmethod
     def restart_key(receiver: DicomReceiverSetting) -> tuple[object, ...]:
-        """Fields a running listener cannot take without restarting."""
+        """Fields a running listener cannot take without restarting (a new thumbprint list
+        applies to the next connection; new certificate files on disk, too)."""
         return (
             receiver.port,
             receiver.our_aet.strip(),
             receiver.association_timeout_seconds,
             receiver.max_associations,
             receiver.max_pdu_size,
+            receiver.use_ssl,
+            receiver.certificate_file,
+            receiver.private_key_file,
+            receiver.private_key_password,
+            receiver.trusted_certificates_file,
+            receiver.authentication_type,
+            receiver.tls_minimum_version,
         )
 
     def __init__(
-        self, workflow_id: str, receiver: DicomReceiverSetting, host: str, ingest: Ingest
+        self,
+        workflow_id: str,
+        receiver: DicomReceiverSetting,
+        host: str,
+        ingest: Ingest,
+        folder: Path,
     ) -> None:
+        """`folder`: the workflow file's, which relative certificate paths start from."""
         self.workflow_id = workflow_id
         self.receiver = receiver
         self.host = host
         self.ingest = ingest
+        self.folder = folder
         self.policy = Policy.from_receiver(receiver)
+        self._tls: tls.ServerContexts | None = None
+        self._fingerprints = tls.fingerprints(receiver.client_certificate_thumb_print)
         self._refusing = threading.Event()
         self._server: socket.socket | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._acceptor: threading.Thread | None = None
         self._lock = threading.Condition()
+        self._connections = 0  # served by a thread: in the TLS handshake or associated
         self._associations: set[Association] = set()
         self._admitted: set[Session] = set()
 
@@ -172,10 +206,16 @@ class Listener:
     def active_associations(self) -> int:
         """Connections being served (established or negotiating)."""
         with self._lock:
-            return len(self._associations)
+            return self._connections
 
     def start(self) -> None:
         receiver = self.receiver
+        if receiver.use_ssl:
+            require = receiver.authentication_type == ListenerAuthentication.Certificate
+            try:
+                self._tls = tls.ServerContexts(tls.listener_tls(receiver, require, self.folder))
+            except tls.TlsError as exc:
+                raise ReceiverError(f"cannot start TLS: {exc}") from exc
         try:
             family = socket.getaddrinfo(self.host, receiver.port, type=socket.SOCK_STREAM)[0][0]
             server = socket.create_server((self.host, receiver.port), family=family, backlog=128)
@@ -188,17 +228,19 @@ class Listener:
         )
         self._acceptor.start()
         log.info(
-            "workflow %s listening on %s:%d as %s",
+            "workflow %s listening on %s:%d as %s%s",
             self.workflow_id,
             self.host,
             self.port,
             receiver.our_aet,
+            " (TLS)" if self._tls else "",
         )
 
     def update(self, receiver: DicomReceiverSetting) -> None:
         """New allow-list and AE rules apply to the next association; open ones go on."""
         self.receiver = receiver
         self.policy = Policy.from_receiver(receiver)
+        self._fingerprints = tls.fingerprints(receiver.client_certificate_thumb_print)
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to `grace_seconds`, then
@@ -213,13 +255,13 @@ class Listener:
             end.close()
         self._server = self._wake = self._acceptor = None
         with self._lock:
-            self._lock.wait_for(lambda: not self._associations, timeout=grace_seconds)
+            self._lock.wait_for(lambda: not self._connections, timeout=grace_seconds)
             self._refusing.set()
             left = list(self._associations)
         for association in left:
             association.abort()
         with self._lock:
-            self._lock.wait_for(lambda: not self._associations, timeout=_ABORT_WAIT_SECONDS)
+            self._lock.wait_for(lambda: not self._connections, timeout=_ABORT_WAIT_SECONDS)
         log.info("workflow %s stopped listening", self.workflow_id)
 
     def _accept_loop(self) -> None:
@@ -249,7 +291,10 @@ class Listener:
                             assert isinstance(connection, socket.socket)
                             selector.unregister(connection)
                             del waiting[connection]
-                            self._serve(connection)
+                            if _closed_unheard(connection):  # a scanner, or gave up
+                                silent.closed += 1
+                            else:
+                                self._serve(connection)
                     now = time.monotonic()
                     while waiting and next(iter(waiting.values())) <= now:
                         _drop_oldest(selector, waiting)
@@ -288,7 +333,7 @@ class Listener:
         connection limit, a transient A-ASSOCIATE-RJ at once."""
         receiver = self.receiver
         with self._lock:
-            open_connections = len(self._associations)
+            open_connections = self._connections
         if open_connections >= _CONNECTIONS_PER_ASSOCIATION * receiver.max_associations:
             # Peers that trickle their requests hold a thread each, up to the negotiation
             # deadline; the next one hears "try again later" instead of waiting for them.
@@ -300,33 +345,85 @@ class Listener:
             )
             _reject_at_once(connection)
             return
+        with self._lock:
+            self._connections += 1
+        threading.Thread(
+            target=self._run,
+            args=(connection,),
+            name=f"association {self.workflow_id}",
+            daemon=True,
+        ).start()
+
+    def _run(self, connection: socket.socket) -> None:
+        """In the connection's own thread: the TLS handshake (under the association
+        timeout), then the association."""
+        association = None
         try:
+            served = self._secure(connection) if self._tls is not None else (connection, None)
+            if served is None or self._refusing.is_set():
+                return
+            connection, certificate = served
+            receiver = self.receiver
             association = Association(
                 connection,
                 self.ingest.spool.incoming,
                 our_max_pdu=receiver.max_pdu_size,
                 timeout_seconds=float(receiver.association_timeout_seconds),
                 handler=self,
+                client_certificate=(
+                    (certificate.sha256, certificate.subject) if certificate else ("", "")
+                ),
             )
-        except OSError:  # the peer left before we looked at it
-            connection.close()
-            return
-        with self._lock:
-            self._associations.add(association)
-        threading.Thread(
-            target=self._run,
-            args=(association,),
-            name=f"association {self.workflow_id}",
-            daemon=True,
-        ).start()
-
-    def _run(self, association: Association) -> None:
-        try:
-            association.run()
-        finally:
             with self._lock:
-                self._associations.discard(association)
+                self._associations.add(association)
+            association.run()
+        except OSError:  # the peer left before we looked at it
+            pass
+        finally:
+            connection.close()
+            with self._lock:
+                self._connections -= 1
+                if association is not None:
+                    self._associations.discard(association)
                 self._lock.notify_all()
+
+    def _secure(
+        self, connection: socket.socket
+    ) -> tuple[socket.socket, tls.PeerCertificate | None] | None:
+        """The TLS handshake and the thumbprint check; None (and one log line) when refused."""
+        assert self._tls is not None
+        context = self._tls.current()
+        if self._tls.reload_error:
+            log.error(
+                "workflow %s keeps its previous TLS certificate: %s",
+                self.workflow_id,
+                self._tls.reload_error,
+            )
+        where = _peer(connection)
+        deadline = time.monotonic() + float(self.receiver.association_timeout_seconds)
+        try:
+            secured = tls.handshake(context, connection, deadline, server_side=True)
+        except (OSError, TimeoutError) as exc:
+            log.warning(
+                "workflow %s: TLS handshake with %s failed: %s",
+                self.workflow_id,
+                where,
+                tls.failure_reason(exc),
+            )
+            return None
+        certificate = tls.peer_certificate(secured)
+        allowed = self._fingerprints
+        if allowed and (certificate is None or certificate.sha256 not in allowed):
+            log.warning(
+                "workflow %s refused a TLS connection from %s: client certificate sha256 %s "
+                "is not in ClientCertificateThumbPrint",
+                self.workflow_id,
+                where,
+                certificate.sha256 if certificate else "(none)",
+            )
+            secured.close()
+            return None
+        return secured, certificate
 
     # ------------------------------------------------------------ the Handler hooks
     def on_associate(self, session: Session, request: Request) -> Rejection | None:
@@ -369,6 +466,8 @@ class Listener:
             peer_port=session.peer_port,
             calling_aet=session.calling_aet,
             called_aet=session.called_aet,
+            client_cert_sha256=session.client_cert_sha256,
+            client_cert_subject=session.client_cert_subject,
         )
         return self.ingest.store(
             self.workflow_id, origin, received, float(self.receiver.deduplicate_window_seconds)
@@ -377,6 +476,14 @@ class Listener:
     def on_release(self, session: Session) -> None:
         with self._lock:
             self._admitted.discard(session)
+
+
+def _peer(connection: socket.socket) -> str:
+    try:
+        address, port = connection.getpeername()[:2]
+    except OSError:
+        return "a peer that left"
+    return f"{address}:{port}"
 
 
 def _bind_problem(host: str, port: int, exc: OSError) -> str:

@@ -242,7 +242,9 @@ class Runtime:
                 "workflow %s (%s) %s: disabled, not listening", loaded.name, loaded.path, event
             )
             return
-        listener = RECEIVERS[type(receiver)](workflow_id, receiver, self.host, self._ingest)
+        listener = RECEIVERS[type(receiver)](
+            workflow_id, receiver, self.host, self._ingest, loaded.path.parent
+        )
         try:
             listener.start()
         except ReceiverError as exc:

@@ -39,13 +39,15 @@ class LeaseLostError(QueueError):
 
 @dataclass(frozen=True, kw_only=True)
 class Origin:
-    """Where an object came from: the peer, and the AE titles of the association it came on
-    (empty for a receiver without AE titles)."""
+    """Where an object came from: the peer, the AE titles of the association it came on
+    (empty for a receiver without AE titles), and its TLS client certificate if it had one."""
 
     peer_address: str
     peer_port: int
     calling_aet: str = ""
     called_aet: str = ""
+    client_cert_sha256: str = ""
+    client_cert_subject: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

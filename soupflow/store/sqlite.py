@@ -33,7 +33,7 @@ from soupflow.store.queue import (
 )
 
 DATABASE_FILE = "queue.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _ARRIVAL_COLUMNS = (
     "request_id",
     "workflow_id",
@@ -44,7 +44,14 @@ _ARRIVAL_COLUMNS = (
     "transfer_syntax_uid",
     "received_at",
 )
-_ORIGIN_COLUMNS = ("calling_aet", "called_aet", "peer_address", "peer_port")
+_ORIGIN_COLUMNS = (
+    "calling_aet",
+    "called_aet",
+    "peer_address",
+    "peer_port",
+    "client_cert_sha256",
+    "client_cert_subject",
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     request_id TEXT NOT NULL,
@@ -90,6 +97,10 @@ CREATE TABLE IF NOT EXISTS duplicates (
     count INTEGER NOT NULL,
     last_at REAL NOT NULL
 );
+""",
+    """
+ALTER TABLE messages ADD COLUMN client_cert_sha256 TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN client_cert_subject TEXT NOT NULL DEFAULT '';
 """,
 )
 

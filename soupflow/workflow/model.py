@@ -28,6 +28,7 @@ from soupflow.workflow.types import (
     HttpAuthentication,
     HttpMethod,
     Int,
+    ListenerAuthentication,
     MessageType,
     MllpAuthentication,
     PathType,
@@ -397,8 +398,59 @@ class TransformerSetting(Setting):
     transformers: list[AnyAction] = Field([], description="The actions, run in order.")
 
 
+# ------------------------------------------------------------------------------ TLS
+TlsVersion = Literal["1.2", "1.3"]
+
+
+class ListenerTlsFields(FormatModel):
+    """soupflow extensions: TLS on a listener's port (the port speaks TLS only)."""
+
+    use_ssl: Bool = Field(False, description="soupflow extension: the port speaks TLS only.")
+    certificate_file: Str = Field(
+        "", description="soupflow extension: our certificate chain (PEM), with UseSsl."
+    )
+    private_key_file: Str = Field(
+        "", description="soupflow extension: its private key (PEM), with UseSsl."
+    )
+    private_key_password: Str = Field(
+        "", description="soupflow extension: the key's password; use `${env:NAME}`."
+    )
+    trusted_certificates_file: Str = Field(
+        "",
+        description="soupflow extension: CA or peer certificates (PEM) client certificates "
+        "are verified against; required with AuthenticationType 2.",
+    )
+    client_certificate_thumb_print: Str = Field(
+        "",
+        description="soupflow extension: comma-separated SHA-256 fingerprints of the client "
+        "certificates allowed, matched exactly; empty = any the trusted certificates verify.",
+    )
+    tls_minimum_version: TlsVersion = Field(
+        "1.2", description="soupflow extension: the oldest TLS version accepted."
+    )
+
+
+class ClientTlsFields(FormatModel):
+    """soupflow extensions: TLS from a sender, with an optional client certificate."""
+
+    trusted_certificates_file: Str = Field(
+        "",
+        description="soupflow extension: CA certificates (PEM) the server is verified "
+        "against, besides the system store.",
+    )
+    client_certificate_file: Str = Field(
+        "", description="soupflow extension: our client certificate chain (PEM)."
+    )
+    client_private_key_file: Str = Field(
+        "", description="soupflow extension: its private key (PEM)."
+    )
+    client_private_key_password: Str = Field(
+        "", description="soupflow extension: the key's password; use `${env:NAME}`."
+    )
+
+
 # ------------------------------------------------------------------------------ receiver
-class DicomReceiverSetting(Setting):
+class DicomReceiverSetting(Setting, ListenerTlsFields):
     """The workflow's DICOM C-STORE listener; its `Id` is the workflow's identity."""
 
     TYPE_NAME: ClassVar[str] = "HL7Soup.Functions.Settings.Receivers.DicomReceiverSetting"
@@ -452,6 +504,10 @@ class DicomReceiverSetting(Setting):
         description="soupflow extension: drop a resent SOPInstanceUID within this "
         "window; 0 = off (a resend is processed again).",
     )
+    authentication_type: Annotated[
+        ListenerAuthentication,
+        EnumNumberOrName("soupflow extension: 0 none, 2 client certificate required"),
+    ] = ListenerAuthentication.none
 
 
 # ------------------------------------------------------------------------------- senders
@@ -545,7 +601,7 @@ class HttpSenderSetting(SenderSetting):
     scope: Str = Field("", description="soupflow extension: OAuth2 scope.")
 
 
-class DicomSenderSetting(SenderSetting):
+class DicomSenderSetting(SenderSetting, ClientTlsFields):
     """C-STORE of the received object to a remote SCP."""
 
     TYPE_NAME: ClassVar[str] = "HL7Soup.Functions.Settings.Senders.DicomSenderSetting"
@@ -573,6 +629,11 @@ class DicomSenderSetting(SenderSetting):
         description="soupflow extension: associations open to this destination at once; "
         "workers beyond it wait for one (many PACS serve one association per caller at a "
         "time: raise it only for one that takes parallel associations).",
+    )
+    use_ssl: Bool = Field(False, description="soupflow extension: DICOM over TLS.")
+    tls_server_name: Str = Field(
+        "",
+        description="soupflow extension: the name the certificate must hold; default RemoteHost.",
     )
 
 

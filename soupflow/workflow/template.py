@@ -38,6 +38,8 @@ BUILT_IN_VARIABLES = frozenset(
         "PeerAddress",
         "SOPInstanceUID",
         "RequestId",
+        "ClientCertSha256",
+        "ClientCertSubject",
     )
 )
 

@@ -194,6 +194,11 @@ class MllpAuthentication(enum.IntEnum):
     Certificate = 2
 
 
+class ListenerAuthentication(enum.IntEnum):
+    none = 0
+    Certificate = 2
+
+
 class TextFormat(enum.IntEnum):
     none = 0
     UpperCase = 1

@@ -1,0 +1,299 @@
+"""TLS for every listener and sender: contexts, the handshake under a deadline, peer identity.
+
+Upstream: receivers (the server side), activities and dicom.requestor (the client side),
+workflow.checks (a certificate, key or password that cannot be loaded is a validation error).
+
+The profile follows PS3.15 Annex B and BCP 195, as dcmtk's default does: TLS 1.2 or later,
+forward-secret AEAD suites only (ECDHE/DHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3's own
+suites are all of that kind). A client always verifies the chain and the server name; there
+is no switch to turn that off. A listener's certificate, key and trusted files are read again
+when they change on disk, so a renewed certificate applies to the next connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soupflow.workflow import model
+
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "domainComponent": "DC",
+}
+_ENV = re.compile(r"^\s*\$\{\s*env:([A-Za-z_][A-Za-z0-9_]*)\s*\}\s*$")
+
+
+class TlsError(Exception):
+    """A certificate, key, password or handshake problem; the text says which and why."""
+
+
+def secret(value: str) -> str:
+    """A password as written (`${env:NAME}` read from the environment)."""
+    match = _ENV.match(value)
+    if match is None:
+        return value
+    return os.environ.get(match.group(1), "")
+
+
+def normalized_fingerprint(text: str) -> str:
+    """`AB:CD...`, `ab cd...` and `abcd...` are one SHA-256 fingerprint."""
+    return re.sub(r"[\s:]", "", text).lower()
+
+
+def fingerprints(text: str) -> frozenset[str]:
+    """`ClientCertificateThumbPrint`: comma-separated SHA-256 fingerprints."""
+    return frozenset(filter(None, (normalized_fingerprint(part) for part in text.split(","))))
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """What a TLS listener needs, resolved to absolute paths."""
+
+    certificate_file: Path
+    private_key_file: Path
+    private_key_password: str
+    trusted_certificates_file: Path | None  # None: no client certificate asked for
+    require_client_certificate: bool
+    allowed_fingerprints: frozenset[str]  # empty: any certificate the trusted file verifies
+    minimum_version: str = "1.2"
+
+    def files(self) -> tuple[Path, ...]:
+        trusted = (self.trusted_certificates_file,) if self.trusted_certificates_file else ()
+        return (self.certificate_file, self.private_key_file, *trusted)
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """What a TLS client needs; `trusted_certificates_file` None is the system store."""
+
+    server_name: str
+    trusted_certificates_file: Path | None = None
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
+    private_key_password: str = ""
+    minimum_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    sha256: str
+    subject: str
+
+
+def _base(purpose: ssl.Purpose, minimum_version: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(purpose)
+    context.minimum_version = _VERSIONS.get(minimum_version, ssl.TLSVersion.TLSv1_2)
+    context.set_ciphers(CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def _load_chain(context: ssl.SSLContext, certificate: Path, key: Path, password: str) -> None:
+    for path in (certificate, key):
+        if not path.is_file():
+            raise TlsError(f"{path} does not exist or is not a file")
+    try:
+        context.load_cert_chain(certificate, key, password=password or _no_password)
+    except ssl.SSLError as exc:
+        raise TlsError(
+            f"cannot load the certificate {certificate.name} with the key {key.name}: "
+            f"{_reason(exc)} (a wrong password, a key that does not match, or not PEM)"
+        ) from None
+    except OSError as exc:
+        raise TlsError(f"cannot read {certificate} or {key}: {exc.strerror or exc}") from None
+
+
+def _no_password() -> str:
+    raise TlsError("the private key is encrypted and no password is set")
+
+
+def _load_trusted(context: ssl.SSLContext, trusted: Path) -> None:
+    if not trusted.is_file():
+        raise TlsError(f"{trusted} does not exist or is not a file")
+    try:
+        context.load_verify_locations(cafile=trusted)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(f"cannot load trusted certificates from {trusted}: {_reason(exc)}") from None
+
+
+def server_context(settings: ServerTls) -> ssl.SSLContext:
+    context = _base(ssl.Purpose.CLIENT_AUTH, settings.minimum_version)
+    _load_chain(
+        context,
+        settings.certificate_file,
+        settings.private_key_file,
+        settings.private_key_password,
+    )
+    if settings.trusted_certificates_file is not None:
+        _load_trusted(context, settings.trusted_certificates_file)
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if settings.require_client_certificate else ssl.CERT_OPTIONAL
+        )
+    return context
+
+
+def client_context(settings: ClientTls) -> ssl.SSLContext:
+    context = _base(ssl.Purpose.SERVER_AUTH, settings.minimum_version)
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    if settings.trusted_certificates_file is not None:
+        context.load_default_certs()
+        _load_trusted(context, settings.trusted_certificates_file)
+    if settings.certificate_file is not None:
+        _load_chain(
+            context,
+            settings.certificate_file,
+            settings.private_key_file or settings.certificate_file,
+            settings.private_key_password,
+        )
+    return context
+
+
+class ServerContexts:
+    """A listener's context, made again when one of its files changes on disk (checked at
+    each new connection: a stat of two or three files). A file that fails to load (half
+    written, say) keeps the previous context in use, with the error kept for the log."""
+
+    def __init__(self, settings: ServerTls) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._stamp = self._stamps()
+        self._context = server_context(settings)
+        self.reload_error: str | None = None
+
+    def _stamps(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in self.settings.files():
+            try:
+                status = path.stat()
+                stamps.append((status.st_mtime_ns, status.st_size))
+            except OSError:
+                stamps.append((0, 0))
+        return tuple(stamps)
+
+    def current(self) -> ssl.SSLContext:
+        stamp = self._stamps()
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._context = server_context(self.settings)
+                    self.reload_error = None
+                except TlsError as exc:
+                    self.reload_error = str(exc)
+            return self._context
+
+
+def handshake(
+    context: ssl.SSLContext,
+    connection: socket.socket,
+    deadline: float,
+    *,
+    server_side: bool,
+    server_name: str | None = None,
+) -> ssl.SSLSocket:
+    """Wrap `connection` and finish the handshake before `deadline` (monotonic), however the
+    peer trickles it; the socket comes back blocking, with its previous timeout."""
+    timeout = connection.gettimeout()
+    tls = context.wrap_socket(
+        connection,
+        server_side=server_side,
+        server_hostname=server_name,
+        do_handshake_on_connect=False,
+    )
+    tls.setblocking(False)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                readable, writable = [tls], []
+            except ssl.SSLWantWriteError:
+                readable, writable = [], [tls]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not any(select.select(readable, writable, [], remaining)):
+                raise TimeoutError("the TLS handshake did not finish within the timeout")
+    except BaseException:
+        tls.close()
+        raise
+    tls.settimeout(timeout)
+    return tls
+
+
+def peer_certificate(tls: ssl.SSLSocket) -> PeerCertificate | None:
+    der = tls.getpeercert(binary_form=True)
+    if not der:
+        return None
+    described: Any = tls.getpeercert() or {}
+    subject = ",".join(
+        f"{_SHORT_NAMES.get(name, name)}={value}"
+        for rdn in described.get("subject", ())
+        for name, value in rdn
+    )
+    return PeerCertificate(hashlib.sha256(der).hexdigest(), subject)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc.verify_message or "certificate verify failed"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a failed handshake: no value from the peer beyond OpenSSL's reason."""
+    return _reason(exc).replace("_", " ").lower()
+
+
+def _path(text: str, folder: Path) -> Path:
+    path = Path(text.strip()).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def listener_tls(fields: model.ListenerTlsFields, require_client: bool, folder: Path) -> ServerTls:
+    """A listener's TLS settings; relative paths are relative to the workflow file's folder."""
+    trusted = fields.trusted_certificates_file.strip()
+    return ServerTls(
+        certificate_file=_path(fields.certificate_file, folder),
+        private_key_file=_path(fields.private_key_file, folder),
+        private_key_password=secret(fields.private_key_password),
+        trusted_certificates_file=_path(trusted, folder) if trusted else None,
+        require_client_certificate=require_client,
+        allowed_fingerprints=fingerprints(fields.client_certificate_thumb_print),
+        minimum_version=fields.tls_minimum_version,
+    )
+
+
+def sender_tls(fields: model.ClientTlsFields, server_name: str, folder: Path) -> ClientTls:
+    """A sender's TLS settings; relative paths are relative to the workflow file's folder."""
+    trusted = fields.trusted_certificates_file.strip()
+    certificate = fields.client_certificate_file.strip()
+    key = fields.client_private_key_file.strip()
+    return ClientTls(
+        server_name=server_name,
+        trusted_certificates_file=_path(trusted, folder) if trusted else None,
+        certificate_file=_path(certificate, folder) if certificate else None,
+        private_key_file=_path(key, folder) if key else None,
+        private_key_password=secret(fields.client_private_key_password),
+    )

@@ -1,0 +1,234 @@
+"""DICOM over TLS into a soupflow listener: dcmtk's storescu/echoscu +tls, mutual TLS, and
+every refusal (another CA, TLS 1.1, cleartext, a wrong thumbprint), with certificates made
+in the test."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import subprocess
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.certs import Authority, Issued
+from tests.dicom import (
+    DEADLINE_SECONDS,
+    NODELAY,
+    Receiving,
+    receiving,
+    require_tool,
+    sample_file,
+)
+
+CT = sample_file("CT_small.dcm")
+PHI = ("CompressedSamples", "1CT1")  # CT_small's patient name and id
+
+
+class Pki:
+    """One CA with a server and a client, and a second CA nobody trusts."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ca = Authority(folder / "ca")
+        self.server = self.ca.issue("soupflow server")
+        self.client = self.ca.issue("modality one", client=True)
+        self.stranger = Authority(folder / "other", "another CA").issue("intruder", client=True)
+
+    def listener(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "UseSsl": True,
+            "CertificateFile": str(self.server.certificate),
+            "PrivateKeyFile": str(self.server.key),
+            "AuthenticationType": 2,
+            "TrustedCertificatesFile": str(self.ca.path),
+            **fields,
+        }
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "pki")
+
+
+def storescu_tls(
+    port: int, client: Issued, trusted: Path, *files: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            require_tool("storescu"),
+            "+tls",
+            *client.pair,
+            "-pw",
+            "+cf",
+            str(trusted),
+            "-aet",
+            "MODALITY01",
+            "-aec",
+            "SOUPFLOW",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env=NODELAY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@contextmanager
+def tls_listener(tmp_path: Path, pki: Pki, **fields: Any) -> Iterator[Receiving]:
+    with receiving(tmp_path / "data", **pki.listener(**fields)) as running:
+        yield running
+
+
+def test_storescu_over_mutual_tls_stores_and_the_message_knows_the_certificate(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with tls_listener(tmp_path, pki) as running:
+        sent = storescu_tls(running.port, pki.client, pki.ca.path, CT)
+        assert sent.returncode == 0, sent.stderr
+        [message] = running.queue.messages()
+        origin = message.arrival.origin
+        assert origin.client_cert_sha256 == pki.client.sha256
+        assert "CN=modality one" in origin.client_cert_subject
+        assert running.stored(message.arrival.sop_instance_uid)[0].read_bytes()[132:] != b""
+        echoed = subprocess.run(
+            [
+                require_tool("echoscu"),
+                "+tls",
+                *pki.client.pair,
+                "-pw",
+                "+cf",
+                str(pki.ca.path),
+                "-aet",
+                "MODALITY01",
+                "-aec",
+                "SOUPFLOW",
+                "127.0.0.1",
+                str(running.port),
+            ],
+            env=NODELAY,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert echoed.returncode == 0, echoed.stderr
+
+
+def _client(
+    pki: Pki, issued: Issued | None, maximum: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pki.ca.path)
+    if issued is not None:
+        context.load_cert_chain(issued.certificate, issued.key)
+    if maximum is not None:
+        with warnings.catch_warnings():  # an old version is the point of the test
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            context.maximum_version = maximum
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def _python_handshake(port: int, context: ssl.SSLContext) -> str:
+    """'accepted' when the server kept the connection after the handshake, else why not."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_SECONDS) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
+                secured.sendall(b"\x01")  # TLS 1.3 reports a rejected client cert on read
+                return "accepted" if secured.recv(1) != b"" else "closed"
+        except (ssl.SSLError, ConnectionError) as exc:
+            return type(exc).__name__
+
+
+@pytest.mark.parametrize("case", ["another CA", "TLS 1.1", "wrong thumbprint", "cleartext"])
+def test_a_client_not_allowed_is_refused_and_others_still_store(
+    tmp_path: Path, pki: Pki, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fields = {"ClientCertificateThumbPrint": "ab" * 32} if case == "wrong thumbprint" else {}
+    with tls_listener(tmp_path, pki, **fields) as running:
+        if case == "another CA":
+            refused = storescu_tls(running.port, pki.stranger, pki.ca.path, CT)
+            assert refused.returncode != 0
+        elif case == "TLS 1.1":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                old = ssl.TLSVersion.TLSv1_1
+            outcome = _python_handshake(running.port, _client(pki, pki.client, old))
+            assert outcome != "accepted"
+        elif case == "wrong thumbprint":
+            refused = storescu_tls(running.port, pki.client, pki.ca.path, CT)
+            assert refused.returncode != 0
+        else:
+            with socket.create_connection(("127.0.0.1", running.port), timeout=60) as plain:
+                plain.sendall(b"\x01\x00\x00\x00\x00\xcd" + bytes(205))  # an A-ASSOCIATE-RQ
+                try:
+                    answer = plain.recv(1024)
+                except ConnectionResetError:
+                    answer = b""
+                assert answer[:1] != b"\x02"  # never an A-ASSOCIATE-AC
+        assert running.queue.messages() == []
+        if case != "wrong thumbprint":  # the listener keeps serving the allowed client
+            allowed = storescu_tls(running.port, pki.client, pki.ca.path, CT)
+            assert allowed.returncode == 0, allowed.stderr
+    refusals = [r.getMessage() for r in caplog.records if "TLS" in r.getMessage()]
+    assert refusals, "the refusal is logged"
+    assert all("\n" not in line for line in refusals)  # one line each
+    if case == "wrong thumbprint":
+        assert f"sha256 {pki.client.sha256}" in refusals[-1]
+    assert not any(value in caplog.text for value in PHI)
+
+
+def test_a_silent_tls_client_does_not_stop_another_storing(tmp_path: Path, pki: Pki) -> None:
+    with (
+        tls_listener(tmp_path, pki, MaxAssociations=1) as running,
+        socket.create_connection(("127.0.0.1", running.port), timeout=60),
+        socket.create_connection(("127.0.0.1", running.port), timeout=60) as half,
+    ):
+        half.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+        sent = storescu_tls(running.port, pki.client, pki.ca.path, CT)
+        assert sent.returncode == 0, sent.stderr
+
+
+def test_a_handshake_that_stalls_is_dropped_at_the_association_timeout(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with (
+        tls_listener(tmp_path, pki, AssociationTimeoutSeconds=1) as running,
+        socket.create_connection(("127.0.0.1", running.port), timeout=60) as stalled,
+    ):
+        stalled.sendall(b"\x16\x03\x01")
+        assert stalled.recv(1024) in (b"", b"\x15\x03\x03\x00\x02\x02\x32")  # closed
+
+
+def test_a_renewed_certificate_applies_to_the_next_connection_without_a_restart(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with tls_listener(tmp_path, pki, AuthenticationType=0) as running:
+        first = _served_certificate(running.port, pki)
+        renewed = pki.ca.issue("soupflow server")  # same file names, new key and certificate
+        assert renewed.certificate == pki.server.certificate
+        second = _served_certificate(running.port, pki)
+        assert first != second == renewed.sha256
+
+
+def _served_certificate(port: int, pki: Pki) -> str:
+    import hashlib
+
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_SECONDS) as raw,
+        _client(pki, None).wrap_socket(raw, server_hostname="127.0.0.1") as secured,
+    ):
+        der = secured.getpeercert(binary_form=True)
+        assert der is not None
+        return hashlib.sha256(der).hexdigest()
