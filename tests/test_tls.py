@@ -4,6 +4,7 @@ in the test."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import ssl
@@ -223,8 +224,6 @@ def test_a_renewed_certificate_applies_to_the_next_connection_without_a_restart(
 
 
 def _served_certificate(port: int, pki: Pki) -> str:
-    import hashlib
-
     with (
         socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_SECONDS) as raw,
         _client(pki, None).wrap_socket(raw, server_hostname="127.0.0.1") as secured,
