@@ -41,7 +41,12 @@ _ENV = re.compile(r"^\s*\$\{\s*env:([A-Za-z_][A-Za-z0-9_]*)\s*\}\s*$")
 
 
 class TlsError(Exception):
-    """A certificate, key, password or handshake problem; the text says which and why."""
+    """A certificate, key or password that cannot be used; the text says which and why, and
+    `field` which of them: "certificate", "key", "password" or "trusted"."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def secret(value: str) -> str:
@@ -106,31 +111,57 @@ def _base(purpose: ssl.Purpose, minimum_version: str) -> ssl.SSLContext:
 
 
 def _load_chain(context: ssl.SSLContext, certificate: Path, key: Path, password: str) -> None:
-    for path in (certificate, key):
+    for path, field in ((certificate, "certificate"), (key, "key")):
         if not path.is_file():
-            raise TlsError(f"{path} does not exist or is not a file")
+            raise TlsError(f"{path} does not exist or is not a file", field)
     try:
+        _readable_certificates(context, certificate)
         context.load_cert_chain(certificate, key, password=password or _no_password)
     except ssl.SSLError as exc:
-        raise TlsError(
-            f"cannot load the certificate {certificate.name} with the key {key.name}: "
-            f"{_reason(exc)} (a wrong password, a key that does not match, or not PEM)"
-        ) from None
+        raise _key_problem(exc, certificate, key) from None
     except OSError as exc:
-        raise TlsError(f"cannot read {certificate} or {key}: {exc.strerror or exc}") from None
+        raise TlsError(
+            f"cannot read {certificate} or {key}: {exc.strerror or exc}", "key"
+        ) from None
+
+
+def _key_problem(exc: ssl.SSLError, certificate: Path, key: Path) -> TlsError:
+    encrypted = b"ENCRYPTED" in key.read_bytes()[:200]
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return TlsError(
+            f"the key {key.name} does not match the certificate {certificate.name}", "key"
+        )
+    if encrypted:
+        return TlsError(f"the password does not decrypt the key {key.name}", "password")
+    return TlsError(f"cannot read the key {key.name}: it is not a PEM private key", "key")
+
+
+def _readable_certificates(context: ssl.SSLContext, path: Path) -> None:
+    """Certificates in PEM that OpenSSL reads (a half-written file fails here, by name)."""
+    text = path.read_text(encoding="ascii", errors="replace")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise TlsError(f"{path} holds no PEM certificate", "certificate")
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=text)
+    except ssl.SSLError as exc:
+        raise TlsError(
+            f"{path} does not parse as PEM certificates: {_reason(exc)}", "certificate"
+        ) from None
 
 
 def _no_password() -> str:
-    raise TlsError("the private key is encrypted and no password is set")
+    raise TlsError("the private key is encrypted and no password is set", "password")
 
 
 def _load_trusted(context: ssl.SSLContext, trusted: Path) -> None:
     if not trusted.is_file():
-        raise TlsError(f"{trusted} does not exist or is not a file")
+        raise TlsError(f"{trusted} does not exist or is not a file", "trusted")
     try:
         context.load_verify_locations(cafile=trusted)
     except (ssl.SSLError, OSError) as exc:
-        raise TlsError(f"cannot load trusted certificates from {trusted}: {_reason(exc)}") from None
+        raise TlsError(
+            f"cannot load trusted certificates from {trusted}: {_reason(exc)}", "trusted"
+        ) from None
 
 
 def server_context(settings: ServerTls) -> ssl.SSLContext:

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from soupflow.workflow.load import load_file
+from tests import documents
 from tests.certs import Authority, Issued
 from tests.dicom import (
     DEADLINE_SECONDS,
@@ -231,3 +233,59 @@ def _served_certificate(port: int, pki: Pki) -> str:
         der = secured.getpeercert(binary_form=True)
         assert der is not None
         return hashlib.sha256(der).hexdigest()
+
+
+def _listener_issues(folder: Path, **fields: Any) -> list[tuple[str, str]]:
+    document = documents.workflow(Port=0, AcceptedCallingAETs="*", **fields)
+    path = folder / "tls.json"
+    documents.write(path, document)
+    return [(issue.pointer, issue.message) for issue in load_file(path).issues]
+
+
+def test_certificate_problems_are_validation_errors_at_their_field(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked = pki.ca.issue("locked server", password="s3cret")
+    other = pki.ca.issue("other server")
+    cases = {
+        "PrivateKeyPassword": (
+            {"PrivateKeyFile": str(locked.key), "CertificateFile": str(locked.certificate)},
+            "the password does not decrypt",
+        ),
+        "PrivateKeyFile": ({"PrivateKeyFile": str(other.key)}, "does not match the certificate"),
+        "CertificateFile": ({"CertificateFile": str(tmp_path / "gone.pem")}, "does not exist"),
+        "TrustedCertificatesFile": ({"TrustedCertificatesFile": ""}, "needs TrustedCertificates"),
+        "ClientCertificateThumbPrint": (
+            {"ClientCertificateThumbPrint": "ab:cd"},
+            "is not a SHA-256 fingerprint",
+        ),
+    }
+    for field, (change, message) in cases.items():
+        fields = pki.listener(**change)
+        if field == "PrivateKeyPassword":
+            fields["PrivateKeyPassword"] = "wrong"
+        issues = _listener_issues(tmp_path, **fields)
+        assert any(
+            pointer == f"/WorkflowPattern/0/{field}" and message in text for pointer, text in issues
+        ), (field, issues)
+    assert _listener_issues(tmp_path, **pki.listener()) == []
+    encrypted = pki.listener(
+        PrivateKeyFile=str(locked.key),
+        CertificateFile=str(locked.certificate),
+        PrivateKeyPassword="${env:SOUPFLOW_TEST_KEY_PASSWORD}",
+    )
+    monkeypatch.setenv("SOUPFLOW_TEST_KEY_PASSWORD", "s3cret")
+    assert _listener_issues(tmp_path, **encrypted) == []
+
+
+def test_relative_certificate_paths_start_at_the_workflow_files_folder(
+    tmp_path: Path, pki: Pki
+) -> None:
+    folder = pki.ca.folder
+    relative = pki.listener(
+        CertificateFile=pki.server.certificate.name,
+        PrivateKeyFile=pki.server.key.name,
+        TrustedCertificatesFile="ca.pem",
+    )
+    assert _listener_issues(folder, **relative) == []
+    assert _listener_issues(tmp_path, **relative) != []

@@ -4,7 +4,9 @@ Upstream: load. Every finding goes to the file's IssueSink with the JSON pointer
 Per file (`check_workflow`): one receiver, unique ids, references of the right kind, AE
 titles and the allow-list, filter-group and Begin/End/ForEach/Next structure, paths and
 `${}` templates that parse, variables used but never set, code steps soupflow cannot run.
-Across files (`check_folder`): `WorkflowId` and listening port unique.
+Across files (`check_folder`): `WorkflowId` and listening port unique. The one I/O: TLS
+certificates, keys and passwords are loaded as the runtime loads them, so that a problem
+points at its field instead of failing at start.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from soupflow import tls
 from soupflow.workflow import model, paths, template
 from soupflow.workflow.jsonpos import pointer_join
 from soupflow.workflow.types import (
     Direction,
     HttpAuthentication,
+    ListenerAuthentication,
     PathType,
     StringComparer,
     normalize_reference,
@@ -34,6 +38,20 @@ _PYTHON_CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.
 _ENV_REFERENCE = re.compile(r"^\s*\$\{\s*env:[A-Za-z_][A-Za-z0-9_]*\s*\}\s*$")
 
 _JSON, _HL7, _TEXT, _OTHER = paths.JSON, paths.HL7, paths.TEXT, "other"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# tls.TlsError.field -> the setting's field, for a listener and for a sender
+_TLS_LISTENER_FIELDS = {
+    "certificate": "CertificateFile",
+    "key": "PrivateKeyFile",
+    "password": "PrivateKeyPassword",
+    "trusted": "TrustedCertificatesFile",
+}
+_TLS_SENDER_FIELDS = {
+    "certificate": "ClientCertificateFile",
+    "key": "ClientPrivateKeyFile",
+    "password": "ClientPrivateKeyPassword",
+    "trusted": "TrustedCertificatesFile",
+}
 
 
 def ae_title_problem(title: str) -> str | None:
@@ -268,6 +286,50 @@ class _WorkflowChecks:
                 )
             if target is not None and target.id:
                 seen.add(target.id)
+        self.listener_tls(pointer, receiver)
+
+    def listener_tls(self, pointer: str, receiver: model.DicomReceiverSetting) -> None:
+        """TLS fields that fit together, and files that load (the runtime's own loader)."""
+        mutual = receiver.authentication_type == ListenerAuthentication.Certificate
+        at = {name: pointer_join(pointer, field) for name, field in _TLS_LISTENER_FIELDS.items()}
+        if not receiver.use_ssl:
+            if mutual:
+                self.sink.error(
+                    pointer_join(pointer, "AuthenticationType"),
+                    "AuthenticationType 2 (client certificates) needs UseSsl true",
+                )
+            return
+        if not receiver.certificate_file.strip() or not receiver.private_key_file.strip():
+            self.sink.error(
+                at["certificate"],
+                "UseSsl needs CertificateFile and PrivateKeyFile (PEM)",
+                "make a certificate for this host; the README's Security section shows how",
+            )
+            return
+        if mutual and not receiver.trusted_certificates_file.strip():
+            self.sink.error(
+                at["trusted"],
+                "AuthenticationType 2 needs TrustedCertificatesFile: the CA or peer "
+                "certificates client certificates are verified against",
+            )
+            return
+        for fingerprint in receiver.client_certificate_thumb_print.split(","):
+            if fingerprint.strip() and not _SHA256.match(tls.normalized_fingerprint(fingerprint)):
+                self.sink.error(
+                    pointer_join(pointer, "ClientCertificateThumbPrint"),
+                    f"{fingerprint.strip()!r} is not a SHA-256 fingerprint (64 hex digits)",
+                )
+        if receiver.client_certificate_thumb_print.strip() and not mutual:
+            self.sink.error(
+                pointer_join(pointer, "ClientCertificateThumbPrint"),
+                "ClientCertificateThumbPrint needs AuthenticationType 2 (a client certificate)",
+            )
+        self.secret(at["password"], receiver.private_key_password)
+        folder = self.loaded.path.parent
+        try:
+            tls.server_context(tls.listener_tls(receiver, mutual, folder))
+        except tls.TlsError as exc:
+            self.sink.error(at[exc.field], str(exc))
 
     def ae_title(self, pointer: str, title: str) -> None:
         problem = ae_title_problem(title)
@@ -331,6 +393,8 @@ class _WorkflowChecks:
         if isinstance(sender, model.DicomSenderSetting):
             self.ae_title(pointer_join(pointer, "OurAET"), sender.our_aet)
             self.ae_title(pointer_join(pointer, "RemoteAET"), sender.remote_aet)
+            if sender.use_ssl:
+                self.sender_tls(pointer, sender)
         elif isinstance(sender, model.FileWriterSenderSetting):
             if not sender.file_path_to_write.strip():
                 self.sink.error(
@@ -371,6 +435,23 @@ class _WorkflowChecks:
                     )
         elif isinstance(sender, model.CodeSenderSetting):
             self.code(pointer, sender)
+
+    def sender_tls(self, pointer: str, sender: model.ClientTlsFields) -> None:
+        """A sender's client certificate and trusted files load."""
+        at = {name: pointer_join(pointer, field) for name, field in _TLS_SENDER_FIELDS.items()}
+        self.secret(at["password"], sender.client_private_key_password)
+        if bool(sender.client_certificate_file.strip()) != bool(
+            sender.client_private_key_file.strip()
+        ):
+            self.sink.error(
+                at["certificate"],
+                "a client certificate needs both ClientCertificateFile and ClientPrivateKeyFile",
+            )
+            return
+        try:
+            tls.client_context(tls.sender_tls(sender, "", self.loaded.path.parent))
+        except tls.TlsError as exc:
+            self.sink.error(at[exc.field], str(exc))
 
     def url(self, pointer: str, url: str) -> None:
         if "${" in url:
