@@ -7,7 +7,6 @@ diff), runtime (run), admin (status, dead), dicom.requestor (echo), schemas.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -25,12 +24,14 @@ from rich.table import Table
 
 from soupflow import admin, durable, schemas
 from soupflow.dicom.requestor import Destination, echo
+from soupflow.network import Allowlist, CleartextPorts, Egress
 from soupflow.runtime.processes import WorkerRuntime, new_boot
 from soupflow.runtime.supervisor import Runtime, node_name
 from soupflow.runtime.watch import watch
 from soupflow.store import NoDataError
 from soupflow.store.queue import QueueError
 from soupflow.workflow import diff, fmt
+from soupflow.workflow.checks import check_egress
 from soupflow.workflow.jsonpos import JsonSyntaxError, parse
 from soupflow.workflow.load import load_paths, workflow_paths
 
@@ -69,15 +70,6 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _event_lines() -> threading.Event:
     """Log one line per event; SIGINT and SIGTERM set the returned event."""
     logging.basicConfig(
@@ -93,10 +85,43 @@ def _event_lines() -> threading.Event:
     return stopping
 
 
+def _egress_options(parser: argparse.ArgumentParser) -> None:
+    """`--allowed-tcp` and `--allowed-http`: where activities may connect (loopback always)."""
+    for option, variable, what in (
+        ("--allowed-tcp", "SOUPFLOW_ALLOWED_TCP", "DICOM and MLLP destinations"),
+        ("--allowed-http", "SOUPFLOW_ALLOWED_HTTP", "HTTP, STOW-RS and OAuth token URLs"),
+    ):
+        parser.add_argument(
+            option,
+            action="append",
+            default=[os.environ[variable]] if os.environ.get(variable) else [],
+            metavar="ENTRY[,ENTRY]",
+            help=f"{what} allowed besides loopback: host, host:port, [v6]:port, CIDR, "
+            f"CIDR:port{', a URL prefix' if 'http' in option else ''} (repeatable; env "
+            f"{variable}; default: loopback only)",
+        )
+
+
+def _egress(args: argparse.Namespace) -> Egress:
+    try:
+        return Egress(
+            Allowlist.parse(args.allowed_tcp, "--allowed-tcp"),
+            Allowlist.parse(args.allowed_http, "--allowed-http", urls=True),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"soupflow: {exc}") from None
+
+
 def _work(args: argparse.Namespace) -> int:
     stopping = _event_lines()
     runtime = WorkerRuntime(
-        args.workflows, args.data, args.workers, args.node, args.boot, args.keep_objects
+        args.workflows,
+        args.data,
+        args.workers,
+        args.node,
+        args.boot,
+        args.keep_objects,
+        _egress(args),
     )
     try:
         runtime.start()
@@ -117,15 +142,21 @@ def _work(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    egress = _egress(args)
+    try:
+        cleartext = CleartextPorts.parse(args.allow_cleartext)
+    except ValueError as exc:
+        raise SystemExit(f"soupflow: {exc}") from None
     stopping = _event_lines()
-    if not _is_loopback(args.host):
-        _say(
-            _err,
-            f"warning: listening on {args.host}: DICOM traffic is unencrypted (no TLS yet)",
-            "yellow",
-        )
     runtime = Runtime(
-        args.workflows, args.data, args.host, args.workers, args.keep_objects, args.processes
+        args.workflows,
+        args.data,
+        args.host,
+        args.workers,
+        args.keep_objects,
+        args.processes,
+        allow_cleartext=cleartext,
+        egress=egress,
     )
     try:
         runtime.start()
@@ -314,6 +345,10 @@ def _echo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- validate
 def _validate(args: argparse.Namespace) -> int:
     workflows = load_paths(args.paths)
+    if args.allowed_tcp or args.allowed_http:  # the operator's lists: check as `run` would
+        egress = _egress(args)
+        for loaded in workflows:
+            check_egress(loaded, egress)
     issues = [issue for loaded in workflows for issue in loaded.issues]
     errors = sum(issue.severity == "error" for issue in issues)
     warnings = len(issues) - errors
@@ -443,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     validate.add_argument("--strict", action="store_true", help="treat warnings as errors")
     validate.add_argument("--json", action="store_true", help="print the problems as JSON")
+    _egress_options(validate)
     validate.set_defaults(run=_validate)
 
     formatter = commands.add_parser(
@@ -529,6 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SOUPFLOW_KEEP_OBJECTS") == "1",
         help="keep each received object after its message completes (default: delete it)",
     )
+    runner.add_argument(
+        "--allow-cleartext",
+        default=os.environ.get("SOUPFLOW_ALLOW_CLEARTEXT", ""),
+        metavar="PORTS|*",
+        help="on a non-loopback --host, let these ports' listeners run without TLS "
+        "(default: none; a cleartext listener there is refused; env SOUPFLOW_ALLOW_CLEARTEXT)",
+    )
+    _egress_options(runner)
     runner.set_defaults(run=_run)
 
     worker = commands.add_parser(
@@ -543,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--node", default=node_name(), help="this machine's name in leases")
     worker.add_argument("--boot", default=new_boot(), help="this process's id in leases")
     worker.add_argument("--keep-objects", action="store_true")
+    _egress_options(worker)
     worker.set_defaults(run=_work)
 
     echo_command = commands.add_parser(

@@ -210,14 +210,7 @@ class ServerContexts:
         self.reload_error: str | None = None
 
     def _stamps(self) -> tuple[tuple[int, int], ...]:
-        stamps = []
-        for path in self.settings.files():
-            try:
-                status = path.stat()
-                stamps.append((status.st_mtime_ns, status.st_size))
-            except OSError:
-                stamps.append((0, 0))
-        return tuple(stamps)
+        return tuple(_stamp(path) for path in self.settings.files())
 
     def current(self) -> ssl.SSLContext:
         stamp = self._stamps()
@@ -328,3 +321,37 @@ def sender_tls(fields: model.ClientTlsFields, server_name: str, folder: Path) ->
         private_key_file=_path(key, folder) if key else None,
         private_key_password=secret(fields.client_private_key_password),
     )
+
+
+_client_contexts: dict[ClientTls, tuple[tuple[tuple[int, int], ...], ssl.SSLContext]] = {}
+_client_lock = threading.Lock()
+
+
+def cached_client_context(settings: ClientTls) -> ssl.SSLContext:
+    """A sender's context, made once per settings and again when one of its files changes."""
+    files = [
+        path
+        for path in (
+            settings.trusted_certificates_file,
+            settings.certificate_file,
+            settings.private_key_file,
+        )
+        if path is not None
+    ]
+    stamp = tuple(_stamp(path) for path in files)
+    with _client_lock:
+        known = _client_contexts.get(settings)
+        if known is not None and known[0] == stamp:
+            return known[1]
+    context = client_context(settings)
+    with _client_lock:
+        _client_contexts[settings] = (stamp, context)
+    return context
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        status = path.stat()
+    except OSError:
+        return (0, 0)
+    return (status.st_mtime_ns, status.st_size)

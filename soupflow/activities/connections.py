@@ -19,8 +19,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import httpx
+
+from soupflow.activities.egress import checked_client
 from soupflow.dicom.negotiation import Proposal
 from soupflow.dicom.requestor import Association, AssociationLostError, Destination
+from soupflow.network import Egress
+from soupflow.tls import ClientTls
 
 # PS3.8 9.3.2.2: context ids are odd numbers 1-255, so at most 128 contexts per association.
 _MAX_PROPOSALS = 128
@@ -226,11 +231,25 @@ class AssociationPool:
 
 
 class Connections:
-    """The pools one set of workers shares."""
+    """The pools one set of workers shares, and the operator's egress allowlists every new
+    connection is checked against."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, egress: Egress | None = None
+    ) -> None:
         self.sockets: Pool[tuple[str, int], socket.socket] = Pool(_close_socket, clock)
         self.associations = AssociationPool(clock)
+        self.egress = egress or Egress()
+        self._http: dict[ClientTls, httpx.Client] = {}
+        self._http_lock = threading.Lock()
+
+    def http_client(self, settings: ClientTls) -> httpx.Client:
+        """An HTTP client for one sender TLS setting (kept: it pools its connections)."""
+        with self._http_lock:
+            found = self._http.get(settings)
+            if found is None:
+                found = self._http[settings] = checked_client(self.egress.http, settings)
+            return found
 
     def close_idle(self) -> int:
         return self.sockets.close_idle() + self.associations.close_idle()
@@ -238,3 +257,7 @@ class Connections:
     def close_all(self) -> None:
         self.sockets.close_all()
         self.associations.close_all()
+        with self._http_lock:
+            clients, self._http = list(self._http.values()), {}
+        for each in clients:
+            each.close()

@@ -19,10 +19,12 @@ transient; 0xA9xx, 0xCxxx, a permanent rejection or a refused transfer syntax ar
 from __future__ import annotations
 
 import io
+from functools import partial
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from soupflow import tls
 from soupflow.activities.base import Activity, Outcome
 from soupflow.dicom import status
 from soupflow.dicom.negotiation import Proposal
@@ -39,19 +41,38 @@ from soupflow.workflow import model
 UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
 
-def destination(setting: model.DicomSenderSetting) -> Destination:
+def destination(setting: model.DicomSenderSetting, activity: Activity | None = None) -> Destination:
+    """Where the setting sends; with `activity`, also how to reach it: the address the
+    operator's `--allowed-tcp` allows (checked at each new connection) and the TLS context
+    (`UseSsl`; relative certificate paths start at the workflow file's folder)."""
+    host, port = setting.remote_host.strip(), setting.remote_port
+    server_name = (setting.tls_server_name.strip() or host) if setting.use_ssl else ""
+    context = None
+    address = None
+    if activity is not None:
+        allowlist = activity.connections.egress.tcp
+        address = partial(allowlist.address, host, port)
+        if setting.use_ssl:
+            folder = activity.context.workflow.path.parent
+            try:
+                context = tls.cached_client_context(tls.sender_tls(setting, server_name, folder))
+            except tls.TlsError as exc:
+                raise PermanentError(f"TLS to {host}:{port}: {exc}") from None
     return Destination(
-        host=setting.remote_host,
-        port=setting.remote_port,
+        host=host,
+        port=port,
         our_aet=setting.our_aet.strip(),
         remote_aet=setting.remote_aet.strip(),
         timeout_seconds=float(setting.timeout_seconds),
+        tls_server_name=server_name,
+        address=address,
+        tls_context=context,
     )
 
 
 def run(setting: model.DicomSenderSetting, activity: Activity) -> Outcome:
     arrival = activity.context.arrival
-    where = destination(setting)
+    where = destination(setting, activity)
     sop_class, syntax = arrival.sop_class_uid, arrival.transfer_syntax_uid
     compressed = UID(syntax).is_compressed
     needs = [Proposal(sop_class, (syntax,))]

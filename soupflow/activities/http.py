@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import httpx
 
+from soupflow import tls
 from soupflow.activities.base import Activity, Outcome
 from soupflow.pipeline.errors import PermanentError, TransientError
 from soupflow.workflow import model
@@ -43,7 +44,7 @@ def run(setting: model.HttpSenderSetting, activity: Activity) -> Outcome:
     elif setting.authentication_mode == HttpAuthentication.OAuth2ClientCredentials:
         headers["Authorization"] = f"Bearer {_token(setting, activity)}"
     response = send(
-        activity.http,
+        client_for(setting, activity),
         setting.server,
         setting.method.name,
         url,
@@ -53,6 +54,24 @@ def run(setting: model.HttpSenderSetting, activity: Activity) -> Outcome:
         timeout=setting.timeout_seconds,
     )
     return Outcome(response.text if setting.wait_for_response else None, described(response))
+
+
+def client_for(setting: model.ClientTlsFields, activity: Activity) -> httpx.Client:
+    """The shared client, or (with TLS fields set) one kept for those settings."""
+    if not any(
+        (
+            setting.trusted_certificates_file.strip(),
+            setting.client_certificate_file.strip(),
+            setting.client_private_key_file.strip(),
+        )
+    ):
+        return activity.http
+    folder = activity.context.workflow.path.parent
+    try:
+        settings = tls.sender_tls(setting, "", folder)
+        return activity.connections.http_client(settings)
+    except tls.TlsError as exc:
+        raise PermanentError(f"TLS settings: {exc}") from None
 
 
 def described(response: httpx.Response) -> str:
@@ -105,7 +124,7 @@ def _token(setting: model.HttpSenderSetting, activity: Activity) -> str:
     if setting.scope:
         form["scope"] = setting.scope
     response = send(
-        activity.http,
+        client_for(setting, activity),
         setting.token_url,
         "POST",
         token_url,

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from soupflow.activities.base import Activity, Outcome
-from soupflow.activities.http import REQUEST_ID_HEADER, described, send
+from soupflow.activities.http import REQUEST_ID_HEADER, client_for, described, send
 from soupflow.pipeline.errors import PermanentError
 from soupflow.workflow import model
 from soupflow.workflow.types import BearerAuthentication
@@ -55,7 +55,7 @@ def run(setting: model.StowRsSenderSetting, activity: Activity) -> Outcome:
     elif setting.authentication_mode == BearerAuthentication.Bearer:
         headers["Authorization"] = f"Bearer {context.expand(setting.bearer_token)}"
     response = send(
-        activity.http,
+        client_for(setting, activity),
         setting.base_url,
         "POST",
         url,

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,9 +44,15 @@ class Destination:
     our_aet: str
     remote_aet: str
     timeout_seconds: float
+    tls_server_name: str = ""  # "": cleartext; else TLS, and the certificate must name it
+    # How to reach it, asked at each new connection (not compared: the same destination).
+    # `address` gives where to connect (the caller's checked address for `host`).
+    address: Callable[[], str] | None = field(default=None, compare=False, repr=False)
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
-        return f"{self.remote_aet} at {self.host}:{self.port}"
+        secured = " (TLS)" if self.tls_server_name else ""
+        return f"{self.remote_aet} at {self.host}:{self.port}{secured}"
 
 
 class RequestorError(Exception):
@@ -68,6 +76,13 @@ class AssociationRejectedError(RequestorError):
 
 class ContextRefusedError(RequestorError):
     """The peer accepts none of the presentation contexts an operation needs."""
+
+    transient = False
+
+
+class TlsRefusedError(RequestorError):
+    """The TLS handshake failed: an untrusted, expired or misnamed certificate, or the peer
+    refused ours. Retrying will not help until someone changes a certificate."""
 
     transient = False
 
@@ -118,14 +133,17 @@ class Association:
     def open(cls, destination: Destination, proposals: list[Proposal]) -> Association:
         """Connect and negotiate; RequestorError when no association results."""
         deadline = _Deadline(destination.timeout_seconds)
+        address = destination.address() if destination.address else destination.host
         try:
             connection = socket.create_connection(
-                (destination.host, destination.port), timeout=deadline.remaining()
+                (address, destination.port), timeout=deadline.remaining()
             )
         except OSError as exc:
             raise NoConnectionError(
                 f"cannot connect to {destination}: {type(exc).__name__}"
             ) from None
+        if destination.tls_context is not None:
+            connection = _secure(connection, destination, deadline)
         try:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             proposed, request = negotiation.request(
@@ -301,6 +319,37 @@ class Association:
         self.closed = True
         with contextlib.suppress(OSError):
             self._connection.close()
+
+
+def _secure(
+    connection: socket.socket, destination: Destination, deadline: _Deadline
+) -> ssl.SSLSocket:
+    """The TLS handshake, within the deadline (CPython bounds the whole handshake by the
+    socket timeout); the chain and the server name are always verified."""
+    assert destination.tls_context is not None
+    try:
+        connection.settimeout(deadline.remaining())
+        return destination.tls_context.wrap_socket(
+            connection, server_hostname=destination.tls_server_name
+        )
+    except ssl.SSLCertVerificationError as exc:
+        connection.close()
+        raise TlsRefusedError(
+            f"the certificate of {destination} is not accepted: {exc.verify_message}"
+        ) from None
+    except ssl.SSLError as exc:
+        connection.close()
+        reason = (exc.reason or type(exc).__name__).replace("_", " ").lower()
+        raise TlsRefusedError(f"TLS with {destination} failed: {reason}") from None
+    except TimeoutError:
+        connection.close()
+        raise AssociationLostError(
+            f"the TLS handshake with {destination} did not finish within "
+            f"{destination.timeout_seconds:g} s"
+        ) from None
+    except OSError as exc:
+        connection.close()
+        raise NoConnectionError(f"TLS with {destination} broke: {type(exc).__name__}") from None
 
 
 def _send(connection: socket.socket, data: bytes, deadline: _Deadline) -> None:

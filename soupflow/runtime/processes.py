@@ -25,10 +25,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from soupflow.network import Egress
 from soupflow.runtime.workers import Workers, taken_back
 from soupflow.store import open_queue
 from soupflow.store.queue import Queue
 from soupflow.store.spool import Spool
+from soupflow.workflow.checks import check_egress
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,10 @@ class WorkerRuntime:
         node: str,
         boot: str,
         keep_objects: bool = False,
+        egress: Egress | None = None,
     ) -> None:
         self.workflows_folder = workflows
+        self.egress = egress or Egress()
         self.data = data
         self.worker_count = workers
         self.node, self.boot = node, boot
@@ -79,6 +83,7 @@ class WorkerRuntime:
             owner_prefix=f"{self.node}/{self.boot}",
             keep_objects=self.keep_objects,
             idle_seconds=POLL_SECONDS,
+            egress=self.egress,
         )
         self.workers.start()
 
@@ -94,6 +99,7 @@ class WorkerRuntime:
                     continue
                 self._digests[path] = content
                 loaded = load_file(path)
+                check_egress(loaded, self.egress)
                 if loaded.valid and loaded.workflow_id is not None and loaded.receiver:
                     self.known[loaded.workflow_id] = loaded
 

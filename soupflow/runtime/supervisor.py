@@ -24,6 +24,7 @@ from pathlib import Path
 from soupflow.activities.dicom_sender import destination
 from soupflow.dicom.requestor import Destination
 from soupflow.ingest import Ingest
+from soupflow.network import CleartextPorts, Egress, is_loopback
 from soupflow.receivers import RECEIVERS
 from soupflow.receivers.base import Receiver, ReceiverError
 from soupflow.receivers.dicom import parse_allow_list
@@ -34,6 +35,7 @@ from soupflow.runtime.workers import Workers, taken_back
 from soupflow.store import open_queue
 from soupflow.store.queue import Queue
 from soupflow.store.spool import Spool
+from soupflow.workflow.checks import check_egress
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 from soupflow.workflow.model import DicomSenderSetting
 
@@ -69,8 +71,14 @@ class Runtime:
         workers: int = 2,
         keep_objects: bool = False,
         processes: int = 0,
+        allow_cleartext: CleartextPorts | None = None,
+        egress: Egress | None = None,
     ) -> None:
+        """`allow_cleartext`: ports whose listener may be cleartext on a non-loopback `host`
+        (`--allow-cleartext`); `egress`: where activities may connect (fail closed)."""
         self.workflows_folder = workflows
+        self.allow_cleartext = allow_cleartext or CleartextPorts()
+        self.egress = egress or Egress()
         self.data = data
         self.host = host
         self.worker_count = workers
@@ -114,6 +122,7 @@ class Runtime:
             0 if self.processes else self.worker_count,
             owner_prefix=f"{self.node}/{self.boot}",
             keep_objects=self.keep_objects,
+            egress=self.egress,
         )
         self.workers.start()
         if self.processes and self.worker_count > 0:
@@ -139,6 +148,10 @@ class Runtime:
             "--boot",
             boot,
         ]
+        for entry in self.egress.tcp.entries:
+            command += ["--allowed-tcp", entry.text]
+        for entry in self.egress.http.entries:
+            command += ["--allowed-http", entry.text]
         return [*command, "--keep-objects"] if self.keep_objects else command
 
     def _wake_workers(self) -> None:
@@ -154,6 +167,8 @@ class Runtime:
                 if self.workflows_folder.is_dir()
                 else []
             )
+            for loaded in scanned:
+                check_egress(loaded, self.egress)
             digests = {w.path: digest(w.path) for w in scanned}
             unchanged = {
                 path for path, content in digests.items() if self._digests.get(path) == content
@@ -242,6 +257,11 @@ class Runtime:
                 "workflow %s (%s) %s: disabled, not listening", loaded.name, loaded.path, event
             )
             return
+        refusal = self._cleartext_refusal(receiver.port, receiver.use_ssl)
+        if refusal:
+            log.error("workflow %s (%s) refused: %s", loaded.name, loaded.path, refusal)
+            self.running[workflow_id] = _Workflow(loaded, None, ListenerState.REFUSED, refusal)
+            return
         listener = RECEIVERS[type(receiver)](
             workflow_id, receiver, self.host, self._ingest, loaded.path.parent
         )
@@ -253,6 +273,16 @@ class Runtime:
             return
         self.running[workflow_id] = _Workflow(loaded, listener, ListenerState.LISTENING)
         log.info("workflow %s (%s) %s", loaded.name, loaded.path, event)
+
+    def _cleartext_refusal(self, port: int, tls: bool) -> str:
+        """Why a listener may not start: cleartext on a non-loopback address, unless the
+        operator allowed its port; "" when it may."""
+        if tls or is_loopback(self.host) or self.allow_cleartext.allows(port):
+            return ""
+        return (
+            f"cleartext DICOM on {self.host}:{port} (not loopback): set UseSsl with a "
+            f"certificate, or allow it with --allow-cleartext {port or '*'}"
+        )
 
     @staticmethod
     def _stop_listener(entry: _Workflow) -> None:

@@ -25,7 +25,9 @@ from pathlib import Path
 import httpx
 
 from soupflow.activities.connections import Connections
+from soupflow.activities.egress import checked_client
 from soupflow.message.convert import Options, convert
+from soupflow.network import Egress
 from soupflow.pipeline.context import RunContext
 from soupflow.pipeline.errors import ActivityError, TransientError
 from soupflow.pipeline.run import RECEIVER_STEP, Ending, Result, run_message
@@ -107,7 +109,10 @@ class Workers:
         lease_seconds: float = LEASE_SECONDS,
         http: httpx.Client | None = None,
         idle_seconds: float = _IDLE_SECONDS,
+        egress: Egress | None = None,
     ) -> None:
+        """`egress`: where activities may connect (default: loopback only)."""
+        egress = egress or Egress()
         self.queue = queue
         self.spool = spool
         self.data_folder = data_folder
@@ -118,8 +123,8 @@ class Workers:
         self.clock = clock
         self.lease_seconds = lease_seconds
         self.idle_seconds = idle_seconds  # how long an idle worker waits before it looks again
-        self.http = http if http is not None else httpx.Client()
-        self.connections = Connections()
+        self.http = http if http is not None else checked_client(egress.http)
+        self.connections = Connections(egress=egress)
         self._stopping = threading.Event()
         self._work = threading.Event()  # set when a message was queued in this process
         self._threads: list[threading.Thread] = []

@@ -16,9 +16,10 @@ import os
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from soupflow import tls
+from soupflow.network import Allowlist, Egress, EgressError
 from soupflow.workflow import model, paths, template
 from soupflow.workflow.jsonpos import pointer_join
 from soupflow.workflow.types import (
@@ -724,3 +725,51 @@ class _WorkflowChecks:
             self.sink.warning(
                 pointer, f'variable ${{{variable.name}}} is never set, so it expands to ""', hint
             )
+
+
+def check_egress(loaded: LoadedWorkflow, egress: Egress) -> None:
+    """Every destination written in the file (not built from `${}`) must be allowed by the
+    operator's allowlists; loopback always is. Templated ones are checked at send time."""
+    for entry in loaded.entries:
+        setting = entry.setting
+        tcp: list[tuple[str, str, int]] = []
+        urls: list[tuple[str, str]] = []
+        if isinstance(setting, model.DicomSenderSetting):
+            tcp.append(("RemoteHost", setting.remote_host, setting.remote_port))
+        elif isinstance(setting, model.MLLPSenderSetting):
+            tcp.append(("Server", setting.server, setting.port))
+        elif isinstance(setting, model.HttpSenderSetting):
+            urls += [("Server", setting.server), ("TokenUrl", setting.token_url)]
+        elif isinstance(setting, model.StowRsSenderSetting):
+            urls.append(("BaseUrl", setting.base_url))
+        for field, host, port in tcp:
+            _check_destination(loaded, entry, field, egress.tcp, host.strip(), port)
+        for field, url in urls:
+            text = url.strip()
+            if not text or "${" in text or egress.http.allows_url(text):
+                continue
+            parts = urlsplit(text)
+            if parts.hostname:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+                _check_destination(loaded, entry, field, egress.http, parts.hostname, port)
+
+
+def _check_destination(
+    loaded: LoadedWorkflow, entry: Entry, field: str, allowlist: Allowlist, host: str, port: int
+) -> None:
+    if not host or "${" in host:
+        return
+    allowed = allowlist.allowed_without_lookup(host, port)
+    if allowed is None:  # only address entries could allow it: look the name up
+        try:
+            allowlist.address(host, port)
+            allowed = True
+        except EgressError:
+            allowed = False
+    if not allowed:
+        loaded.sink.error(
+            pointer_join(entry.pointer, field),
+            f"{host}:{port} is not an allowed destination ({allowlist.option}: {allowlist})",
+            f"the operator allows it with {allowlist.option} {host}:{port} (or a CIDR); "
+            "a workflow file cannot",
+        )

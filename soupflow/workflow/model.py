@@ -568,7 +568,7 @@ class FileWriterSenderSetting(SenderSetting):
     max_records_per_file: Int = Field(5000, ge=1, description="Records before the file rotates.")
 
 
-class HttpSenderSetting(SenderSetting):
+class HttpSenderSetting(SenderSetting, ClientTlsFields):
     """One HTTP request per message."""
 
     TYPE_NAME: ClassVar[str] = "HL7Soup.Functions.Settings.Senders.HttpSenderSetting"
@@ -640,7 +640,7 @@ class DicomSenderSetting(SenderSetting, ClientTlsFields):
 FrameCharacter = Annotated[Str | Int, Field(description="A character, or its code.")]
 
 
-class MLLPSenderSetting(SenderSetting):
+class MLLPSenderSetting(SenderSetting, ClientTlsFields):
     """Send an HL7 v2 message over MLLP."""
 
     TYPE_NAME: ClassVar[str] = "HL7Soup.Functions.Settings.Senders.MLLPSenderSetting"
@@ -675,7 +675,7 @@ class CodeSenderSetting(SenderSetting, CodeFields):
     type_: Str = _type_field(TYPE_NAME)
 
 
-class StowRsSenderSetting(SenderSetting):
+class StowRsSenderSetting(SenderSetting, ClientTlsFields):
     """soupflow sender: DICOMweb STOW-RS of the received object."""
 
     TYPE_NAME: ClassVar[str] = "Soupflow.Senders.StowRsSenderSetting"
