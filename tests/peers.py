@@ -105,7 +105,8 @@ def require_orthanc() -> str:
 class Orthanc:
     """Orthanc on loopback ports with its own storage, DICOM AE ORTHANC, DICOMweb on."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, **settings: Any) -> None:
+        """`settings` are added to the configuration (DICOM TLS, say)."""
         self.program = require_orthanc()
         self.folder = folder
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -127,6 +128,7 @@ class Orthanc:
                     "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
                     "StableAge": 1,
                     "HttpTimeout": 60,
+                    **settings,
                 }
             )
         )

@@ -174,6 +174,9 @@ class Association:
                 f"{destination} did not accept the association within "
                 f"{destination.timeout_seconds:g} s"
             ) from None
+        except ssl.SSLError as exc:  # TLS 1.3: the server refuses our certificate after
+            connection.close()  # the handshake, in its first record (an alert)
+            raise TlsRefusedError(f"TLS with {destination} failed: {_ssl_reason(exc)}") from None
         except (OSError, EOFError, ProtocolError) as exc:
             _abort_and_close(connection, exc)
             raise AssociationLostError(
@@ -339,8 +342,7 @@ def _secure(
         ) from None
     except ssl.SSLError as exc:
         connection.close()
-        reason = (exc.reason or type(exc).__name__).replace("_", " ").lower()
-        raise TlsRefusedError(f"TLS with {destination} failed: {reason}") from None
+        raise TlsRefusedError(f"TLS with {destination} failed: {_ssl_reason(exc)}") from None
     except TimeoutError:
         connection.close()
         raise AssociationLostError(
@@ -350,6 +352,15 @@ def _secure(
     except OSError as exc:
         connection.close()
         raise NoConnectionError(f"TLS with {destination} broke: {type(exc).__name__}") from None
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLEOFError):
+        return (
+            "the peer closed the TLS connection without a word (a server that requires a "
+            "client certificate does so when it gets none, or one it does not trust)"
+        )
+    return (exc.reason or type(exc).__name__).replace("_", " ").lower()
 
 
 def _send(connection: socket.socket, data: bytes, deadline: _Deadline) -> None:
