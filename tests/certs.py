@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -129,3 +130,23 @@ class Authority:
         )
         der = certificate.public_bytes(serialization.Encoding.DER)
         return Issued(certificate_path, key_path, hashlib.sha256(der).hexdigest())
+
+
+class Pki:
+    """One CA with a server and a client, and a second CA nobody trusts."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ca = Authority(folder / "ca")
+        self.server = self.ca.issue("soupflow server")
+        self.client = self.ca.issue("modality one", client=True)
+        self.stranger = Authority(folder / "other", "another CA").issue("intruder", client=True)
+
+    def listener(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "UseSsl": True,
+            "CertificateFile": str(self.server.certificate),
+            "PrivateKeyFile": str(self.server.key),
+            "AuthenticationType": 2,
+            "TrustedCertificatesFile": str(self.ca.path),
+            **fields,
+        }

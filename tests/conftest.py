@@ -4,9 +4,11 @@ failed start) is killed here, so it never holds its ports into the next test."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.certs import Pki
 from tests.dicom import RuntimeProcess
 
 
@@ -15,3 +17,9 @@ def _no_runtime_left_behind() -> Iterator[None]:
     yield
     while RuntimeProcess.started:
         RuntimeProcess.started.pop().kill()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A CA with a server and a client certificate, and a stranger from another CA."""
+    return Pki(tmp_path / "pki")

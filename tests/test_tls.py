@@ -19,7 +19,7 @@ import pytest
 
 from soupflow.workflow.load import load_file
 from tests import documents
-from tests.certs import Authority, Issued
+from tests.certs import Issued, Pki
 from tests.dicom import (
     DEADLINE_SECONDS,
     NODELAY,
@@ -31,31 +31,6 @@ from tests.dicom import (
 
 CT = sample_file("CT_small.dcm")
 PHI = ("CompressedSamples", "1CT1")  # CT_small's patient name and id
-
-
-class Pki:
-    """One CA with a server and a client, and a second CA nobody trusts."""
-
-    def __init__(self, folder: Path) -> None:
-        self.ca = Authority(folder / "ca")
-        self.server = self.ca.issue("soupflow server")
-        self.client = self.ca.issue("modality one", client=True)
-        self.stranger = Authority(folder / "other", "another CA").issue("intruder", client=True)
-
-    def listener(self, **fields: Any) -> dict[str, Any]:
-        return {
-            "UseSsl": True,
-            "CertificateFile": str(self.server.certificate),
-            "PrivateKeyFile": str(self.server.key),
-            "AuthenticationType": 2,
-            "TrustedCertificatesFile": str(self.ca.path),
-            **fields,
-        }
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    return Pki(tmp_path / "pki")
 
 
 def storescu_tls(

@@ -16,11 +16,11 @@ from pydicom import dcmread
 
 from bench.ingest import free_port
 from soupflow.store.queue import State
-from tests.certs import Authority, Issued
+from tests.certs import Authority, Issued, Pki
 from tests.dicom import NODELAY, dataset_bytes, require_tool, sample_file, wait_for
 from tests.peers import Orthanc
 from tests.test_dicom_sender import forwarding, run_until_final
-from tests.test_tls import PHI, Pki, pki  # noqa: F401  (the fixture)
+from tests.test_tls import PHI
 
 CT = sample_file("CT_small.dcm")
 
