@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,7 @@ class HttpPeer:
     hold_first: bool = False  # keep the first request waiting until `release()`
     bodies: dict[str, bytes] = field(default_factory=dict)  # response body by path
     requests: list[Received] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None  # the server context: https only
 
     def __post_init__(self) -> None:
         self.got_request = threading.Event()
@@ -65,12 +67,15 @@ class HttpPeer:
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}/hook"
 
     def release(self) -> None:
         self._release.set()

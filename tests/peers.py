@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import urllib.request
@@ -25,8 +26,11 @@ class MllpPeer:
     connection carries any number of messages until the sender closes it; `connections`
     counts them, and `drop_connections` closes the open ones as a restarted RIS would."""
 
-    def __init__(self, ack: str | None = "AA", text: str = "") -> None:
-        self.ack, self.text = ack, text
+    def __init__(
+        self, ack: str | None = "AA", text: str = "", tls: ssl.SSLContext | None = None
+    ) -> None:
+        """`tls`: the server context (the port then speaks TLS only)."""
+        self.ack, self.text, self.tls = ack, text, tls
         self.messages: list[str] = []
         self.connections = 0
         self.closed = 0  # connections this peer has closed
@@ -53,6 +57,12 @@ class MllpPeer:
 
     def _handle(self, connection: socket.socket) -> None:
         try:
+            if self.tls is not None:
+                connection.settimeout(10)
+                try:
+                    connection = self.tls.wrap_socket(connection, server_side=True)
+                except (ssl.SSLError, OSError):
+                    return
             self._exchange(connection)
         finally:
             connection.close()

@@ -5,6 +5,7 @@ its reason; HTTPS with a client certificate to a loopback server that checks it.
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +17,13 @@ from pydicom import dcmread
 
 from bench.ingest import free_port
 from soupflow.store.queue import State
+from tests import documents
 from tests.certs import Authority, Issued, Pki
 from tests.dicom import NODELAY, dataset_bytes, require_tool, sample_file, wait_for
-from tests.peers import Orthanc
-from tests.test_dicom_sender import forwarding, run_until_final
+from tests.documents import NS_SENDERS, type_of
+from tests.http_peer import HttpPeer
+from tests.peers import MllpPeer, Orthanc
+from tests.test_dicom_sender import SENDER_ID, forwarding, run_until_final
 from tests.test_tls import PHI
 
 CT = sample_file("CT_small.dcm")
@@ -166,3 +170,68 @@ def test_a_certificate_failure_is_a_dead_message_with_the_reason(
     assert message.attempts == 1  # permanent: no retries
     assert reason in (message.reason or ""), message.reason
     assert not any(value in runtime.log_text() for value in PHI)
+
+
+def stow_to(base_url: str, **fields: Any) -> dict[str, Any]:
+    sender = {
+        "$type": "Soupflow.Senders.StowRsSenderSetting, Soupflow",
+        "Id": SENDER_ID,
+        "Name": "DICOMweb",
+        "BaseUrl": base_url,
+        "RetryMaxAttempts": 1,
+        **fields,
+    }
+    return documents.workflow(sender, Port=0, AcceptedCallingAETs="*")
+
+
+def _server_context(pki: Pki) -> ssl.SSLContext:
+    """A loopback server's context that requires a client certificate from the test CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server.certificate, pki.server.key)
+    context.load_verify_locations(pki.ca.path)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def test_stow_rs_over_https_with_a_client_certificate(tmp_path: Path, pki: Pki) -> None:
+    peer = HttpPeer(tls=_server_context(pki), bodies={"/dicom-web/studies": b"{}"})
+    base = peer.url.removesuffix("/hook") + "/dicom-web"
+    tls_fields = {
+        "TrustedCertificatesFile": str(pki.ca.path),
+        "ClientCertificateFile": str(pki.client.certificate),
+        "ClientPrivateKeyFile": str(pki.client.key),
+    }
+    try:
+        [message], _ = run_until_final(tmp_path / "with", stow_to(base, **tls_fields), [CT])
+        assert message.state == State.COMPLETED, message.reason
+        [request] = peer.requests
+        assert request.path == "/dicom-web/studies" and dataset_bytes(CT) in request.body
+        del tls_fields["ClientCertificateFile"], tls_fields["ClientPrivateKeyFile"]
+        [refused], _ = run_until_final(tmp_path / "without", stow_to(base, **tls_fields), [CT])
+        assert refused.state != State.COMPLETED and len(peer.requests) == 1
+    finally:
+        peer.close()
+
+
+def test_mllp_over_tls_with_a_client_certificate(tmp_path: Path, pki: Pki) -> None:
+    peer = MllpPeer(tls=_server_context(pki))
+    sender = {
+        "$type": type_of("MLLPSenderSetting", NS_SENDERS),
+        "Id": SENDER_ID,
+        "Name": "RIS",
+        "Server": "127.0.0.1",
+        "Port": peer.port,
+        "UseSsl": True,
+        "TrustedCertificatesFile": str(pki.ca.path),
+        "ClientCertificateFile": str(pki.client.certificate),
+        "ClientPrivateKeyFile": str(pki.client.key),
+        "MessageTemplate": "MSH|^~\\&|SOUPFLOW|X|RIS|Y|20260101||ORU^R01|${SOPInstanceUID}|P|2.5.1",
+    }
+    try:
+        [message], _ = run_until_final(
+            tmp_path, documents.workflow(sender, Port=0, AcceptedCallingAETs="*"), [CT]
+        )
+    finally:
+        peer.close()
+    assert message.state == State.COMPLETED, message.reason
+    assert len(peer.messages) == 1 and peer.messages[0].startswith("MSH|")

@@ -7,7 +7,8 @@ AE/AR (or CE/CR) ACK is a permanent failure; an empty reply is a failure only wi
 `UseResponse`. A refused connection is transient. The ACK's text may describe the patient: it
 is kept in the dead record, not in the reason the logs carry.
 
-With `KeepConnectionOpen` the connection is reused for the next message to the same server
+With `UseSsl` the connection is TLS (the chain and the name `Server` verified, a client
+certificate sent when set). With `KeepConnectionOpen` the connection is reused for the next message to the same server
 (kept while messages keep coming, closed after `KEEP_OPEN_SECONDS` idle); a kept connection
 the peer has closed meanwhile is noticed before it is used and replaced by a new one.
 """
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 
+from soupflow import tls
 from soupflow.activities.base import Activity, Outcome
 from soupflow.activities.connections import still_open
 from soupflow.pipeline import hl7
@@ -56,7 +59,7 @@ def run(setting: model.MLLPSenderSetting, activity: Activity) -> Outcome:
         connection.close()
         connection = None
     if connection is None:
-        connection = _connect(setting, where)
+        connection = _connect(setting, activity, where)
     try:
         reply = _exchange(setting, connection, payload, where)
     except BaseException:
@@ -83,14 +86,44 @@ def run(setting: model.MLLPSenderSetting, activity: Activity) -> Outcome:
     return Outcome(text, f"ACK {code}" if code else "reply without MSA-1")
 
 
-def _connect(setting: model.MLLPSenderSetting, where: str) -> socket.socket:
+def _connect(setting: model.MLLPSenderSetting, activity: Activity, where: str) -> socket.socket:
+    """A connection to the checked address (`--allowed-tcp`); with `UseSsl`, TLS verified
+    against the system store and `TrustedCertificatesFile`, the server name `Server`."""
+    host = setting.server.strip()
+    address = activity.connections.egress.tcp.address(host, setting.port)
+    context = None
+    if setting.use_ssl:
+        folder = activity.context.workflow.path.parent
+        try:
+            context = tls.cached_client_context(tls.sender_tls(setting, host, folder))
+        except tls.TlsError as exc:
+            raise PermanentError(f"TLS to {where}: {exc}") from None
     try:
-        return socket.create_connection(
-            (setting.server, setting.port), timeout=setting.timeout_seconds
+        connection = socket.create_connection(
+            (address, setting.port), timeout=setting.timeout_seconds
         )
     except OSError as exc:
         raise TransientError(
             f"cannot connect to the MLLP listener at {where}: {type(exc).__name__}"
+        ) from None
+    if context is None:
+        return connection
+    try:
+        return context.wrap_socket(connection, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        connection.close()
+        raise PermanentError(
+            f"the certificate of the MLLP listener at {where} is not accepted: {exc.verify_message}"
+        ) from None
+    except ssl.SSLError as exc:
+        connection.close()
+        raise PermanentError(
+            f"TLS with the MLLP listener at {where} failed: {exc.reason}"
+        ) from None
+    except OSError as exc:
+        connection.close()
+        raise TransientError(
+            f"TLS with the MLLP listener at {where} broke: {type(exc).__name__}"
         ) from None
 
 

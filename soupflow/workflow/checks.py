@@ -409,6 +409,7 @@ class _WorkflowChecks:
                 )
         elif isinstance(sender, model.HttpSenderSetting):
             self.url(pointer_join(pointer, "Server"), sender.server)
+            self.sender_tls(pointer, sender)
             self.secret(pointer_join(pointer, "Password"), sender.password)
             if (
                 sender.authentication_mode == HttpAuthentication.OAuth2ClientCredentials
@@ -420,15 +421,12 @@ class _WorkflowChecks:
                 )
         elif isinstance(sender, model.StowRsSenderSetting):
             self.url(pointer_join(pointer, "BaseUrl"), sender.base_url)
+            self.sender_tls(pointer, sender)
             self.secret(pointer_join(pointer, "Password"), sender.password)
             self.secret(pointer_join(pointer, "BearerToken"), sender.bearer_token)
         elif isinstance(sender, model.MLLPSenderSetting):
             if sender.use_ssl:
-                self.sink.error(
-                    pointer_join(pointer, "UseSsl"),
-                    "MLLP over TLS is not supported by soupflow yet",
-                    "messages would go out unencrypted; use a TLS tunnel and UseSsl false",
-                )
+                self.sender_tls(pointer, sender)
             for name, frame in (("FrameStart", sender.frame_start), ("FrameEnd", sender.frame_end)):
                 if not frame:
                     self.sink.error(
@@ -449,6 +447,9 @@ class _WorkflowChecks:
                 "a client certificate needs both ClientCertificateFile and ClientPrivateKeyFile",
             )
             return
+        files = (sender.trusted_certificates_file, sender.client_certificate_file)
+        if not any(name.strip() for name in files) and not getattr(sender, "use_ssl", False):
+            return  # plain, or the system store only: nothing of ours to load
         try:
             tls.client_context(tls.sender_tls(sender, "", self.loaded.path.parent))
         except tls.TlsError as exc:

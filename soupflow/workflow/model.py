@@ -660,10 +660,11 @@ class MLLPSenderSetting(SenderSetting, ClientTlsFields):
         description="Reuse one connection across messages (closed after 60 s without one).",
     )
     use_ssl: Bool = Field(
-        False, description="TLS; not yet supported by soupflow (validation error)."
+        False, description="TLS: the chain and the name `Server` are always verified."
     )
     authentication_type: Annotated[
-        MllpAuthentication, EnumNumberOrName("Client authentication")
+        MllpAuthentication,
+        EnumNumberOrName("Client authentication; soupflow sends a client certificate when set"),
     ] = MllpAuthentication.none
     authentication_certificate_thumbprint: Str = Field("", description="Not used by soupflow.")
 
