@@ -22,9 +22,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from soupflow import admin, durable, schemas
+from soupflow import admin, durable, schemas, tls
 from soupflow.dicom.requestor import Destination, echo
 from soupflow.network import Allowlist, CleartextPorts, Egress
+from soupflow.runtime.listeners_file import read_network
 from soupflow.runtime.processes import WorkerRuntime, new_boot
 from soupflow.runtime.supervisor import Runtime, node_name
 from soupflow.runtime.watch import watch
@@ -238,6 +239,14 @@ def _status(args: argparse.Namespace) -> int:
             _age(row.oldest_pending_seconds),
         )
     _out.print(table)
+    network = read_network(args.data)
+    if network is not None:
+        _say(
+            _out,
+            f"network: listening on {network['host']}; cleartext allowed off loopback on "
+            f"ports: {network['allow_cleartext']}; --allowed-tcp: {network['allowed_tcp']}; "
+            f"--allowed-http: {network['allowed_http']}",
+        )
     return EXIT_OK
 
 
@@ -333,7 +342,31 @@ def _dead(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- echo
 def _echo(args: argparse.Namespace) -> int:
-    ok, what = echo(Destination(args.host, args.port, args.aet, args.called_aet, args.timeout))
+    context, server_name = None, ""
+    if args.tls:
+        server_name = args.server_name or args.host
+        settings = tls.ClientTls(
+            server_name=server_name,
+            trusted_certificates_file=args.trusted,
+            certificate_file=args.client_cert,
+            private_key_file=args.client_key or args.client_cert,
+            private_key_password=tls.secret(args.client_key_password),
+        )
+        try:
+            context = tls.client_context(settings)
+        except tls.TlsError as exc:
+            _say(_err, f"cannot use the TLS options: {exc}", "red")
+            return EXIT_PROBLEMS
+    destination = Destination(
+        args.host,
+        args.port,
+        args.aet,
+        args.called_aet,
+        args.timeout,
+        tls_server_name=server_name,
+        tls_context=context,
+    )
+    ok, what = echo(destination)
     _say(
         _out if ok else _err,
         f"{args.called_aet} at {args.host}:{args.port}: {what}",
@@ -605,6 +638,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--called-aet", default="ANY-SCP", help="the peer's AE title (default: ANY-SCP)"
     )
     echo_command.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    echo_command.add_argument(
+        "--tls", action="store_true", help="DICOM over TLS, as a DicomSenderSetting with UseSsl"
+    )
+    echo_command.add_argument(
+        "--trusted", type=Path, help="CA certificates (PEM) besides the system store"
+    )
+    echo_command.add_argument("--client-cert", type=Path, help="our client certificate (PEM)")
+    echo_command.add_argument("--client-key", type=Path, help="its private key (PEM)")
+    echo_command.add_argument(
+        "--client-key-password", default="", help="the key's password (${env:NAME} allowed)"
+    )
+    echo_command.add_argument(
+        "--server-name", default="", help="the name the certificate must hold (default: host)"
+    )
     echo_command.set_defaults(run=_echo)
 
     data_default = Path(os.environ.get("SOUPFLOW_DATA", "data"))

@@ -23,7 +23,7 @@ from soupflow.runtime.listeners_file import ListenerState
 from soupflow.runtime.supervisor import Runtime
 from soupflow.workflow.load import load_text
 from tests import documents
-from tests.dicom import RuntimeProcess, sample_file
+from tests.dicom import RuntimeProcess, sample_file, soupflow
 from tests.documents import NS_SENDERS, VARIABLES_ID, action, transformer, type_of
 from tests.http_peer import HttpPeer
 from tests.test_pipeline import arrival
@@ -139,6 +139,10 @@ def test_the_runtime_refuses_a_destination_not_allowed_at_start_and_reload(
         assert "192.0.2.10:104 is not an allowed destination" in runtime.log_text()
         documents.write(path, documents.workflow(dicom_sender("198.51.100.20"), Port=0))
         runtime.refresh(lambda rows: rows[0]["state"] == ListenerState.LISTENING)
+        shown = soupflow("status", "--data", str(data)).stdout
+        assert (
+            "--allowed-tcp: 198.51.100.0/24" in shown and "--allowed-http: loopback only" in shown
+        )
     finally:
         assert runtime.terminate() == 0
 

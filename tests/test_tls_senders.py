@@ -19,7 +19,7 @@ from bench.ingest import free_port
 from soupflow.store.queue import State
 from tests import documents
 from tests.certs import Authority, Issued, Pki
-from tests.dicom import NODELAY, dataset_bytes, require_tool, sample_file, wait_for
+from tests.dicom import NODELAY, dataset_bytes, require_tool, sample_file, soupflow, wait_for
 from tests.documents import NS_SENDERS, type_of
 from tests.http_peer import HttpPeer
 from tests.peers import MllpPeer, Orthanc
@@ -235,3 +235,20 @@ def test_mllp_over_tls_with_a_client_certificate(tmp_path: Path, pki: Pki) -> No
         peer.close()
     assert message.state == State.COMPLETED, message.reason
     assert len(peer.messages) == 1 and peer.messages[0].startswith("MSH|")
+
+
+def test_soupflow_echo_tests_a_tls_link_with_the_senders_options(tmp_path: Path, pki: Pki) -> None:
+    with storescp_tls(tmp_path / "pacs", pki) as port:
+        base = ["echo", "127.0.0.1", str(port), "--called-aet", "PACS", "--tls", "--timeout", "5"]
+        ok = soupflow(
+            *base,
+            "--trusted",
+            str(pki.ca.path),
+            "--client-cert",
+            str(pki.client.certificate),
+            "--client-key",
+            str(pki.client.key),
+        )
+        assert ok.returncode == 0 and "C-ECHO status 0x0000" in ok.stdout, ok.stderr
+        untrusted = soupflow(*base)  # the system store does not know the test CA
+        assert untrusted.returncode == 1 and "is not accepted" in untrusted.stderr

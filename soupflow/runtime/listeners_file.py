@@ -19,6 +19,7 @@ from soupflow import durable
 
 LISTENERS_FILE = "listeners.json"
 PID_FILE = "runtime.pid"
+NETWORK_FILE = "network.json"  # the allowlists and cleartext ports in force
 
 
 class ListenerState(enum.StrEnum):
@@ -68,9 +69,26 @@ def read(data: Path) -> list[ListenerRow]:
     return [ListenerRow(**{**row, "state": ListenerState(row["state"])}) for row in rows]
 
 
+def write_network(data: Path, network: dict[str, Any]) -> None:
+    """What the operator allows on the network, for `status` (written at start)."""
+    text = json.dumps(network, indent=2) + "\n"
+    durable.replace(data / NETWORK_FILE, text.encode("utf-8"), sync=False)
+
+
+def read_network(data: Path) -> dict[str, Any] | None:
+    """The running runtime's network policy; None when none runs."""
+    if not _alive(data):
+        return None
+    try:
+        found: dict[str, Any] = json.loads((data / NETWORK_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found
+
+
 def remove(data: Path) -> None:
-    (data / LISTENERS_FILE).unlink(missing_ok=True)
-    (data / PID_FILE).unlink(missing_ok=True)
+    for name in (LISTENERS_FILE, PID_FILE, NETWORK_FILE):
+        (data / name).unlink(missing_ok=True)
 
 
 def _alive(data: Path) -> bool:

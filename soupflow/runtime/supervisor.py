@@ -114,6 +114,15 @@ class Runtime:
         taken_back(recovered, f"left processing by the last run on {self.node}")
         self._ingest = Ingest(spool, self.queue, on_queued=self._wake_workers)
         self.reload()
+        listeners_file.write_network(
+            self.data,
+            {
+                "host": self.host,
+                "allow_cleartext": str(self.allow_cleartext),
+                "allowed_tcp": str(self.egress.tcp),
+                "allowed_http": str(self.egress.http),
+            },
+        )
         self.workers = Workers(
             self.queue,
             spool,
