@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import forward, ingest, message, soak
+from bench import forward, ingest, message, soak, tls
 
 
 def test_message_benchmark_smoke() -> None:
@@ -47,3 +47,8 @@ def test_soak_benchmark_smoke() -> None:
     assert set(soak.ABUSERS) <= set(rows)
     assert rows["normal stores failed"].endswith("| 0 |")
     assert int(rows["normal stores (storescu)"].split(" | ")[-1].strip(" |").replace(",", "")) > 0
+
+
+def test_tls_benchmark_smoke() -> None:
+    rows = [line for line in tls.main(["--smoke"]) if line.startswith("| ") and "inst/s" in line]
+    assert [row.split(" | ")[1] for row in rows] == [*tls.PATHS, *tls.PATHS]
