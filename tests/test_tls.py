@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.scu import associate_request
 from soupflow.workflow.load import load_file
 from tests import documents
 from tests.certs import Issued, Pki
@@ -30,6 +31,7 @@ from tests.dicom import (
 )
 
 CT = sample_file("CT_small.dcm")
+EXPLICIT = "1.2.840.10008.1.2.1"
 PHI = ("CompressedSamples", "1CT1")  # CT_small's patient name and id
 
 
@@ -264,3 +266,26 @@ def test_relative_certificate_paths_start_at_the_workflow_files_folder(
     )
     assert _listener_issues(folder, **relative) == []
     assert _listener_issues(tmp_path, **relative) != []
+
+
+def test_stopping_aborts_an_open_tls_association_from_its_own_thread(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The listener's stop asks the association's thread to end it (one writer per TLS
+    socket, and none here: over TLS the closed connection is the abort)."""
+    request = associate_request("MODALITY01", "SOUPFLOW", [(1, "1.2.840.10008.1.1", EXPLICIT)])
+    with (
+        tls_listener(tmp_path, pki) as running,
+        socket.create_connection(("127.0.0.1", running.port), timeout=DEADLINE_SECONDS) as raw,
+        _client(pki, pki.client).wrap_socket(raw, server_hostname="127.0.0.1") as secured,
+    ):
+        secured.sendall(request)
+        assert secured.recv(1)[:1] == b"\x02"  # A-ASSOCIATE-AC
+        secured.recv(65536)
+        running.listener.stop(grace_seconds=0.1)
+        try:
+            ended = secured.recv(1)
+        except (ssl.SSLError, ConnectionError):
+            ended = b""
+        assert ended == b""
+        assert running.listener.active_associations == 0

@@ -21,6 +21,7 @@ import contextlib
 import io
 import logging
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -209,7 +210,10 @@ class Association:
                     self.peer_port,
                     self.calling_aet,
                 )
-                self._send(pdu.abort(pdu.REASON_NOT_SPECIFIED))
+                # Over TLS the read side's end broke the session (OpenSSL reads it as an
+                # unexpected EOF): closing the connection is the abort (PS3.8 9.1.4).
+                if not isinstance(self.connection, ssl.SSLSocket):
+                    self._send(pdu.abort(pdu.REASON_NOT_SPECIFIED))
             elif not self._closed.is_set():
                 log.warning(
                     "association from %s:%s calling %r ended: connection lost (%s)",
@@ -228,7 +232,7 @@ class Association:
     def abort(self) -> None:
         """From another thread: end the association. Only the association's own thread
         writes (OpenSSL forbids two writers on one TLS socket): this shuts the socket's read
-        side, which wakes that thread's read; it sends the A-ABORT and closes."""
+        side, which wakes that thread's read; it sends the A-ABORT (cleartext) and closes."""
         self._abort_requested.set()
         with contextlib.suppress(OSError):  # the plain socket's call: no TLS state touched
             socket.socket.shutdown(self.connection, socket.SHUT_RD)
