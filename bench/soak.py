@@ -88,7 +88,7 @@ def _workflow(folder: Path, port: int) -> Path:
         "$type": "HL7Soup.Functions.Settings.Senders.FileWriterSenderSetting, HL7SoupWorkflow",
         "Id": _WRITER_ID,
         "Name": "Message JSON",
-        "FilePathToWrite": str(folder / "out" / "${SOPInstanceUID}.json"),
+        "FilePathToWrite": str(folder / "out" / "${RequestId}.json"),  # one file per message
         "MessageType": 11,
         "MessageTemplate": "${" + _RECEIVER_ID + " inbound}",
     }
