@@ -17,12 +17,9 @@ itself.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import selectors
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from soupflow.dicom.negotiation import (
 )
 from soupflow.ingest import Ingest
 from soupflow.receivers.base import ReceiverError
+from soupflow.receivers.server import Limits, Server, drain
 from soupflow.store.queue import Origin
 from soupflow.workflow.model import DicomReceiverSetting
 from soupflow.workflow.types import ListenerAuthentication
@@ -48,64 +46,12 @@ _ABORT_WAIT_SECONDS = 5.0
 # Connections served at once, per allowed association: the others are still negotiating,
 # or are over the limit and about to hear A-ASSOCIATE-RJ.
 _CONNECTIONS_PER_ASSOCIATION = 2
-_ACCEPT_RETRY_SECONDS = 0.1
-# Connections that have not sent a byte yet, per listener: each costs only a descriptor.
-_MAX_WAITING = 1000
-_SILENT_REPORT_SECONDS = 60.0
-
-
-class _SilentCount:
-    """Connections closed before they said anything, reported at most once a minute."""
-
-    def __init__(self, workflow_id: str) -> None:
-        self.workflow_id = workflow_id
-        self.closed = self.evicted = 0
-        self._reported = time.monotonic()
-
-    def report(self) -> None:
-        now = time.monotonic()
-        if (self.closed or self.evicted) and now - self._reported >= _SILENT_REPORT_SECONDS:
-            log.warning(
-                "workflow %s closed %d connections that sent nothing within"
-                " AssociationTimeoutSeconds and %d more to make room for new ones",
-                self.workflow_id,
-                self.closed,
-                self.evicted,
-            )
-            self.closed = self.evicted = 0
-            self._reported = now
-
-
-def _drop_oldest(selector: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> None:
-    connection = next(iter(waiting))
-    del waiting[connection]
-    selector.unregister(connection)
-    connection.close()
-
-
-def _closed_unheard(connection: socket.socket) -> bool:
-    """The connection's first event was its end (it sent nothing): closed here, no thread."""
-    try:
-        ended = not connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    except OSError:  # reset
-        ended = True
-    if ended:
-        connection.close()
-    return ended
 
 
 def _reject_at_once(connection: socket.socket) -> None:
-    """A-ASSOCIATE-RJ (transient, local limit exceeded) without a thread: read what the peer
-    sent (so that closing does not reset the connection before it reads the answer), answer,
-    close."""
+    """A-ASSOCIATE-RJ (transient, local limit exceeded) without a thread."""
     try:
-        connection.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(16):  # a request is a few KiB; this bounds a peer that floods
-                if not connection.recv(65536):
-                    break
+        drain(connection)
         connection.send(negotiation.reject(LOCAL_LIMIT_EXCEEDED))
         connection.shutdown(socket.SHUT_WR)
     except OSError:
@@ -184,246 +130,105 @@ class Listener:
         self.ingest = ingest
         self.folder = folder
         self.policy = Policy.from_receiver(receiver)
-        self._tls: tls.ServerContexts | None = None
-        self._fingerprints = tls.fingerprints(receiver.client_certificate_thumb_print)
         self._refusing = threading.Event()
-        self._server: socket.socket | None = None
-        self._wake: tuple[socket.socket, socket.socket] | None = None
-        self._acceptor: threading.Thread | None = None
-        self._lock = threading.Condition()
-        self._connections = 0  # served by a thread: in the TLS handshake or associated
+        self._server: Server | None = None
+        self._lock = threading.Lock()
         self._associations: set[Association] = set()
         self._admitted: set[Session] = set()
 
     @property
     def port(self) -> int:
         """The bound port (the one the OS chose when `Port` is 0)."""
-        if self._server is None:
-            return self.receiver.port
-        return int(self._server.getsockname()[1])
+        return self._server.port if self._server is not None else self.receiver.port
 
     @property
     def active_associations(self) -> int:
         """Connections being served (established or negotiating)."""
-        with self._lock:
-            return self._connections
+        return self._server.active if self._server is not None else 0
 
     def start(self) -> None:
         receiver = self.receiver
+        secure = None
         if receiver.use_ssl:
             require = receiver.authentication_type == ListenerAuthentication.Certificate
             try:
-                self._tls = tls.ServerContexts(tls.listener_tls(receiver, require, self.folder))
+                secure = tls.ServerContexts(tls.listener_tls(receiver, require, self.folder))
             except tls.TlsError as exc:
                 raise ReceiverError(f"cannot start TLS: {exc}") from exc
-        try:
-            family = socket.getaddrinfo(self.host, receiver.port, type=socket.SOCK_STREAM)[0][0]
-            server = socket.create_server((self.host, receiver.port), family=family, backlog=128)
-        except OSError as exc:
-            raise ReceiverError(_bind_problem(self.host, receiver.port, exc)) from exc
-        self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
-        self._server, self._wake = server, socket.socketpair()
-        self._acceptor = threading.Thread(
-            target=self._accept_loop, name=f"listener {self.workflow_id}", daemon=True
+        limits = Limits(
+            float(receiver.association_timeout_seconds),
+            _CONNECTIONS_PER_ASSOCIATION * receiver.max_associations,
         )
-        self._acceptor.start()
+        server = Server(
+            f"workflow {self.workflow_id}",
+            self.host,
+            receiver.port,
+            limits,
+            self._associate,
+            _reject_at_once,
+            secure,
+        )
+        server.start()
+        self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
+        self._server = server
         log.info(
             "workflow %s listening on %s:%d as %s%s",
             self.workflow_id,
             self.host,
             self.port,
             receiver.our_aet,
-            " (TLS)" if self._tls else "",
+            " (TLS)" if secure else "",
         )
 
     def update(self, receiver: DicomReceiverSetting) -> None:
-        """New allow-list and AE rules apply to the next association; open ones go on."""
+        """New allow-list, AE rules and thumbprints apply to the next association; open ones
+        go on."""
         self.receiver = receiver
         self.policy = Policy.from_receiver(receiver)
-        self._fingerprints = tls.fingerprints(receiver.client_certificate_thumb_print)
+        if self._server is not None:
+            self._server.fingerprints = tls.fingerprints(receiver.client_certificate_thumb_print)
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to `grace_seconds`, then
         refuse stores (0xA700) and abort what is left."""
-        server, wake, acceptor = self._server, self._wake, self._acceptor
-        if server is None or wake is None or acceptor is None:
+        server = self._server
+        if server is None:
             return
-        wake[1].send(b"x")
-        acceptor.join()
-        server.close()
-        for end in wake:
-            end.close()
-        self._server = self._wake = self._acceptor = None
+        server.stop_accepting()
+        server.wait_idle(grace_seconds)
+        self._refusing.set()
         with self._lock:
-            self._lock.wait_for(lambda: not self._connections, timeout=grace_seconds)
-            self._refusing.set()
             left = list(self._associations)
         for association in left:
             association.abort()
-        with self._lock:
-            self._lock.wait_for(lambda: not self._connections, timeout=_ABORT_WAIT_SECONDS)
+        server.wait_idle(_ABORT_WAIT_SECONDS)
+        self._server = None
         log.info("workflow %s stopped listening", self.workflow_id)
 
-    def _accept_loop(self) -> None:
-        """Accept, and keep each new connection here until its first bytes arrive: a silent
-        connection costs a descriptor, not a thread, and is closed at the association
-        timeout (or, past `_MAX_WAITING`, when a newer one needs its place)."""
-        assert self._server is not None and self._wake is not None
-        server, wake = self._server, self._wake[0]
-        waiting: dict[socket.socket, float] = {}  # connection -> deadline, oldest first
-        silent = _SilentCount(self.workflow_id)
-        timeout = float(self.receiver.association_timeout_seconds)
-        with selectors.DefaultSelector() as selector:
-            selector.register(server, selectors.EVENT_READ)
-            selector.register(wake, selectors.EVENT_READ)
-            try:
-                while True:
-                    wait = None
-                    if waiting:
-                        wait = max(0.0, next(iter(waiting.values())) - time.monotonic())
-                    for key, _ in selector.select(wait):
-                        if key.fileobj is wake:
-                            return
-                        if key.fileobj is server:
-                            self._accept(server, selector, waiting, silent, timeout)
-                        else:
-                            connection = key.fileobj
-                            assert isinstance(connection, socket.socket)
-                            selector.unregister(connection)
-                            del waiting[connection]
-                            if _closed_unheard(connection):  # a scanner, or gave up
-                                silent.closed += 1
-                            else:
-                                self._serve(connection)
-                    now = time.monotonic()
-                    while waiting and next(iter(waiting.values())) <= now:
-                        _drop_oldest(selector, waiting)
-                        silent.closed += 1
-                    silent.report()
-            finally:
-                for connection in waiting:
-                    connection.close()
-
-    def _accept(
-        self,
-        server: socket.socket,
-        selector: selectors.BaseSelector,
-        waiting: dict[socket.socket, float],
-        silent: _SilentCount,
-        timeout: float,
+    def _associate(
+        self, connection: socket.socket, certificate: tls.PeerCertificate | None
     ) -> None:
-        try:
-            connection, _ = server.accept()
-        except OSError as exc:  # out of file descriptors, or the peer already left
-            if waiting:  # the longest-silent connection gives its descriptor up
-                _drop_oldest(selector, waiting)
-                silent.evicted += 1
-                return
-            log.error("workflow %s cannot accept a connection: %s", self.workflow_id, exc.strerror)
-            time.sleep(_ACCEPT_RETRY_SECONDS)
+        """In the connection's own thread, after TLS: the association."""
+        if self._refusing.is_set():
             return
-        if len(waiting) >= _MAX_WAITING:
-            _drop_oldest(selector, waiting)
-            silent.evicted += 1
-        selector.register(connection, selectors.EVENT_READ)
-        waiting[connection] = time.monotonic() + timeout
-
-    def _serve(self, connection: socket.socket) -> None:
-        """A connection that has sent its first bytes: an association thread, or, past the
-        connection limit, a transient A-ASSOCIATE-RJ at once."""
         receiver = self.receiver
+        association = Association(
+            connection,
+            self.ingest.spool.incoming,
+            our_max_pdu=receiver.max_pdu_size,
+            timeout_seconds=float(receiver.association_timeout_seconds),
+            handler=self,
+            client_certificate=(certificate.sha256, certificate.subject)
+            if certificate
+            else ("", ""),
+        )
         with self._lock:
-            open_connections = self._connections
-        if open_connections >= _CONNECTIONS_PER_ASSOCIATION * receiver.max_associations:
-            # Peers that trickle their requests hold a thread each, up to the negotiation
-            # deadline; the next one hears "try again later" instead of waiting for them.
-            log.warning(
-                "workflow %s rejected a connection: %d connections open (MaxAssociations %d)",
-                self.workflow_id,
-                open_connections,
-                receiver.max_associations,
-            )
-            _reject_at_once(connection)
-            return
-        with self._lock:
-            self._connections += 1
-        threading.Thread(
-            target=self._run,
-            args=(connection,),
-            name=f"association {self.workflow_id}",
-            daemon=True,
-        ).start()
-
-    def _run(self, connection: socket.socket) -> None:
-        """In the connection's own thread: the TLS handshake (under the association
-        timeout), then the association."""
-        association = None
+            self._associations.add(association)
         try:
-            served = self._secure(connection) if self._tls is not None else (connection, None)
-            if served is None or self._refusing.is_set():
-                return
-            connection, certificate = served
-            receiver = self.receiver
-            association = Association(
-                connection,
-                self.ingest.spool.incoming,
-                our_max_pdu=receiver.max_pdu_size,
-                timeout_seconds=float(receiver.association_timeout_seconds),
-                handler=self,
-                client_certificate=(
-                    (certificate.sha256, certificate.subject) if certificate else ("", "")
-                ),
-            )
-            with self._lock:
-                self._associations.add(association)
             association.run()
-        except OSError:  # the peer left before we looked at it
-            pass
         finally:
-            connection.close()
             with self._lock:
-                self._connections -= 1
-                if association is not None:
-                    self._associations.discard(association)
-                self._lock.notify_all()
-
-    def _secure(
-        self, connection: socket.socket
-    ) -> tuple[socket.socket, tls.PeerCertificate | None] | None:
-        """The TLS handshake and the thumbprint check; None (and one log line) when refused."""
-        assert self._tls is not None
-        context = self._tls.current()
-        if self._tls.reload_error:
-            log.error(
-                "workflow %s keeps its previous TLS certificate: %s",
-                self.workflow_id,
-                self._tls.reload_error,
-            )
-        where = _peer(connection)
-        deadline = time.monotonic() + float(self.receiver.association_timeout_seconds)
-        try:
-            secured = tls.handshake(context, connection, deadline, server_side=True)
-        except (OSError, TimeoutError) as exc:
-            log.warning(
-                "workflow %s: TLS handshake with %s failed: %s",
-                self.workflow_id,
-                where,
-                tls.failure_reason(exc),
-            )
-            return None
-        certificate = tls.peer_certificate(secured)
-        allowed = self._fingerprints
-        if allowed and (certificate is None or certificate.sha256 not in allowed):
-            log.warning(
-                "workflow %s refused a TLS connection from %s: client certificate sha256 %s "
-                "is not in ClientCertificateThumbPrint",
-                self.workflow_id,
-                where,
-                certificate.sha256 if certificate else "(none)",
-            )
-            secured.close()
-            return None
-        return secured, certificate
+                self._associations.discard(association)
 
     # ------------------------------------------------------------ the Handler hooks
     def on_associate(self, session: Session, request: Request) -> Rejection | None:
@@ -476,19 +281,3 @@ class Listener:
     def on_release(self, session: Session) -> None:
         with self._lock:
             self._admitted.discard(session)
-
-
-def _peer(connection: socket.socket) -> str:
-    try:
-        address, port = connection.getpeername()[:2]
-    except OSError:
-        return "a peer that left"
-    return f"{address}:{port}"
-
-
-def _bind_problem(host: str, port: int, exc: OSError) -> str:
-    if port < 1024 and exc.errno == 13:
-        return f"cannot listen on {host}:{port}: ports below 1024 need root or CAP_NET_BIND_SERVICE; use a port >= 1024"
-    if exc.errno == 98:
-        return f"cannot listen on {host}:{port}: the port is already in use by another program"
-    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
