@@ -182,6 +182,17 @@ class Orthanc:
             body = response.read()
         return json.loads(body) if body[:1] in (b"{", b"[") else body
 
+    def post(self, path: str, body: bytes) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = response.read()
+        return json.loads(answer) if answer[:1] in (b"{", b"[") else answer
+
+    def post_json(self, path: str, document: Any) -> Any:
+        return self.post(path, json.dumps(document).encode("utf-8"))
+
     def instance_file(self, sop_instance_uid: str) -> bytes | None:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}/tools/lookup",

@@ -60,7 +60,7 @@ def test_exactly_one_receiver_and_unique_ids() -> None:
     assert (
         "error",
         "/WorkflowPattern",
-        "no receiver: a workflow has exactly one DicomReceiverSetting",
+        "no receiver: a workflow has exactly one (DicomReceiverSetting or StowRsReceiverSetting)",
     ) in problems(none)
     two = documents.workflow()
     two["WorkflowPattern"].append(documents.receiver(Id=OTHER_ID))

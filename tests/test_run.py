@@ -40,14 +40,19 @@ def test_a_port_in_use_fails_only_its_workflow(tmp_path: Path) -> None:
     assert "listening" in log
 
 
-def test_sigterm_stops_cleanly_and_a_public_bind_is_warned_about(tmp_path: Path) -> None:
+def test_sigterm_stops_cleanly_and_a_public_cleartext_listener_is_refused(
+    tmp_path: Path,
+) -> None:
     workflows = tmp_path / "workflows"
     workflows.mkdir()
     runtime = RuntimeProcess(workflows, tmp_path / "data", "--host", "0.0.0.0")
     assert runtime.refresh() == []  # listening on nothing yet, waiting for files
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))
+    [row] = runtime.refresh(bool)
+    assert row["state"] == "refused" and "--allow-cleartext" in row["detail"]
     assert runtime.terminate() == 0
     log = runtime.log_text()
-    assert "listening on 0.0.0.0: DICOM traffic is unencrypted" in log
+    assert "cleartext on 0.0.0.0" in log and "refused" in log
     assert "nothing listens yet (watching for files)" in log
     assert "stopping" in log
 

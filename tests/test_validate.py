@@ -28,7 +28,7 @@ def test_public_example_reports_exactly_its_directory_scan_receiver(capsys: Any,
     assert len(lines) == 1
     assert lines[0].endswith(
         "/WorkflowPattern/0/$type: error: receiver type DirectoryScanReceiverSetting is not run "
-        "by soupflow; supported: DicomReceiverSetting"
+        "by soupflow; supported: DicomReceiverSetting, StowRsReceiverSetting"
     )
     assert lines[0].startswith(f"{documents.FIXTURES / name}:8:16:")
 

@@ -23,7 +23,7 @@ from soupflow.dicom.part10 import MalformedObjectError, read_object
 from soupflow.message.report import is_structured_report, report
 from soupflow.message.tags import dataset_tags
 from soupflow.message.values import Element, Notes, elements, text_of
-from soupflow.store.queue import Arrival
+from soupflow.store.queue import Arrival, Origin
 from soupflow.workflow.model import DicomMessageTypeOptions
 
 VERSION = 1
@@ -94,10 +94,22 @@ def _association(arrival: Arrival) -> dict[str, Any]:
         "WorkflowId": arrival.workflow_id,
         "Warnings": [],
     }
-    if arrival.origin.client_cert_sha256:  # over TLS, with a client certificate
-        association["ClientCertSha256"] = arrival.origin.client_cert_sha256
-        association["ClientCertSubject"] = arrival.origin.client_cert_subject
+    origin = arrival.origin
+    if origin.client_cert_sha256:  # over TLS, with a client certificate
+        association["ClientCertSha256"] = origin.client_cert_sha256
+        association["ClientCertSubject"] = origin.client_cert_subject
+    if origin.transport:  # STOW-RS: the AE titles are empty
+        association["Transport"] = origin.transport
+        association["Headers"] = transport_details(origin).get("Headers", {})
     return association
+
+
+def transport_details(origin: Origin) -> dict[str, Any]:
+    """What the transport recorded beside the peer (`Origin.details`), decoded."""
+    if not origin.details:
+        return {}
+    found = json.loads(origin.details)
+    return found if isinstance(found, dict) else {}
 
 
 def _common_fields(top: dict[int, Element]) -> dict[str, str]:

@@ -61,6 +61,8 @@ class Association(TypedDict):
     ParseError: NotRequired[str]
     ClientCertSha256: NotRequired[str]  # over TLS, when the client sent a certificate
     ClientCertSubject: NotRequired[str]
+    Transport: NotRequired[str]  # "STOW-RS" for an instance received over HTTP
+    Headers: NotRequired[dict[str, str]]  # with Transport: the mapped request headers
 
 
 class CommonFields(TypedDict):

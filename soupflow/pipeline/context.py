@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from soupflow.message.convert import render
+from soupflow.message.convert import render, transport_details
 from soupflow.pipeline import hl7
 from soupflow.pipeline.errors import PermanentError
 from soupflow.pipeline.patterns import format_datetime, format_value
@@ -133,8 +133,22 @@ class RunContext:
             "clientcertsha256": self.arrival.origin.client_cert_sha256,
             "clientcertsubject": self.arrival.origin.client_cert_subject,
         }
+        if key not in facts and self.arrival.origin.details:
+            facts |= self._transport_variables()
         value = facts.get(key, _CONSTANTS.get(key, ""))
         return format_value(value, spec)
+
+    def _transport_variables(self) -> dict[str, str]:
+        """STOW-RS: `${StowStudyInstanceUID}` and the receiver's `HeaderParameters` (header
+        -> variable), from what the request carried."""
+        details = transport_details(self.arrival.origin)
+        found = {"stowstudyinstanceuid": str(details.get("StowStudyInstanceUID", ""))}
+        receiver = self.workflow.receiver
+        headers = {name.lower(): value for name, value in details.get("Headers", {}).items()}
+        if isinstance(receiver, model.StowRsReceiverSetting):
+            for header, variable in receiver.header_parameters.items():
+                found[variable.strip().lower()] = str(headers.get(header.lower(), ""))
+        return found
 
     def activity_message(self, setting_id: str, direction: str) -> str:
         return self._text(

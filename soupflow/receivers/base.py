@@ -3,7 +3,11 @@ receiver modules, each a front door that turns network input into `ingest.Ingest
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from soupflow.ingest import Ingest
 
 
 class ReceiverError(Exception):
@@ -13,6 +17,15 @@ class ReceiverError(Exception):
 class Receiver(Protocol):
     """One workflow's front door. `restart_key(setting)` names the fields it cannot take
     while running; any other change goes through `update`."""
+
+    def __init__(
+        self, workflow_id: str, receiver: Any, host: str, ingest: Ingest, folder: Path
+    ) -> None:
+        """`folder`: the workflow file's, which relative certificate paths start from."""
+
+    @staticmethod
+    def restart_key(receiver: Any) -> tuple[object, ...]:
+        """The fields that restart the listener when they change."""
 
     @property
     def port(self) -> int:

@@ -37,7 +37,7 @@ from soupflow.ingest import Ingest
 from soupflow.receivers.base import ReceiverError
 from soupflow.receivers.server import Limits, Server, drain
 from soupflow.store.queue import Origin
-from soupflow.workflow.model import DicomReceiverSetting
+from soupflow.workflow.model import DicomReceiverSetting, parse_allow_list
 from soupflow.workflow.types import ListenerAuthentication
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,6 @@ def _reject_at_once(connection: socket.socket) -> None:
         pass
     finally:
         connection.close()
-
-
-def parse_allow_list(allow_list: str) -> frozenset[str] | None:
-    """`AcceptedCallingAETs` as upper-case titles; None when `*` lets anyone in."""
-    titles = {token.strip().upper() for token in allow_list.split(",")}
-    titles.discard("")
-    return None if "*" in titles else frozenset(titles)
 
 
 @dataclass(frozen=True)

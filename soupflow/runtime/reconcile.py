@@ -15,7 +15,7 @@ from pathlib import Path
 
 from soupflow.receivers import RECEIVERS
 from soupflow.workflow.load import LoadedWorkflow
-from soupflow.workflow.model import DicomReceiverSetting
+from soupflow.workflow.model import ReceiverSetting
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Running:
 
     workflow_id: str
     path: Path
-    receiver: DicomReceiverSetting
+    receiver: ReceiverSetting
     listening: bool
 
 
@@ -39,7 +39,7 @@ class Plan:
     invalid: list[tuple[LoadedWorkflow, bool]] = field(default_factory=list)
 
 
-def restart_key(receiver: DicomReceiverSetting) -> tuple[object, ...]:
+def restart_key(receiver: ReceiverSetting) -> tuple[object, ...]:
     """Fields a running receiver cannot take without restarting (its kind's own rule)."""
     return (type(receiver), *RECEIVERS[type(receiver)].restart_key(receiver))
 

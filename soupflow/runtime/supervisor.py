@@ -27,7 +27,6 @@ from soupflow.ingest import Ingest
 from soupflow.network import CleartextPorts, Egress, is_loopback
 from soupflow.receivers import RECEIVERS
 from soupflow.receivers.base import Receiver, ReceiverError
-from soupflow.receivers.dicom import parse_allow_list
 from soupflow.runtime import listeners_file, reconcile
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
 from soupflow.runtime.processes import WorkerProcesses, digest, new_boot
@@ -45,13 +44,6 @@ log = logging.getLogger(__name__)
 def node_name() -> str:
     """This machine's name in lease owners (`SOUPFLOW_NODE`, else the host name)."""
     return os.environ.get("SOUPFLOW_NODE") or socket.gethostname() or "node"
-
-
-def who_may_call(allow_list: str) -> str:
-    allowed = parse_allow_list(allow_list)
-    if allowed is None:
-        return "anyone"
-    return ", ".join(sorted(allowed)) if allowed else "nobody (empty allow-list)"
 
 
 @dataclass
@@ -289,7 +281,7 @@ class Runtime:
         if tls or is_loopback(self.host) or self.allow_cleartext.allows(port):
             return ""
         return (
-            f"cleartext DICOM on {self.host}:{port} (not loopback): set UseSsl with a "
+            f"cleartext on {self.host}:{port} (not loopback): set UseSsl with a "
             f"certificate, or allow it with --allow-cleartext {port or '*'}"
         )
 
@@ -309,8 +301,7 @@ class Runtime:
             loaded.workflow_id or "",
             str(loaded.path),
             port,
-            receiver.our_aet,
-            who_may_call(receiver.accepted_calling_aets),
+            *receiver.identity(),
             entry.state,
             entry.detail,
         )
@@ -323,8 +314,7 @@ class Runtime:
             loaded.workflow_id or "",
             str(loaded.path),
             receiver.port if receiver else 0,
-            receiver.our_aet if receiver else "",
-            who_may_call(receiver.accepted_calling_aets) if receiver else "",
+            *(receiver.identity() if receiver else ("", "")),
             state,
             detail,
         )

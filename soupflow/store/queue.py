@@ -48,6 +48,10 @@ class Origin:
     called_aet: str = ""
     client_cert_sha256: str = ""
     client_cert_subject: str = ""
+    transport: str = ""  # "" for DICOM (C-STORE); "STOW-RS"
+    # JSON of what the transport adds: for STOW-RS {"Headers": {name: value} of the mapped
+    # request headers, "StowStudyInstanceUID": the study in the URL}; "" when nothing.
+    details: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

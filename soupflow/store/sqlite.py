@@ -51,6 +51,8 @@ _ORIGIN_COLUMNS = (
     "peer_port",
     "client_cert_sha256",
     "client_cert_subject",
+    "transport",
+    "details",
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -101,6 +103,8 @@ CREATE TABLE IF NOT EXISTS duplicates (
     """
 ALTER TABLE messages ADD COLUMN client_cert_sha256 TEXT NOT NULL DEFAULT '';
 ALTER TABLE messages ADD COLUMN client_cert_subject TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN transport TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN details TEXT NOT NULL DEFAULT '';
 """,
 )
 

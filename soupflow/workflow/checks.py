@@ -25,8 +25,8 @@ from soupflow.workflow.jsonpos import pointer_join
 from soupflow.workflow.types import (
     Direction,
     HttpAuthentication,
-    ListenerAuthentication,
     PathType,
+    StowAuthentication,
     StringComparer,
     normalize_reference,
 )
@@ -107,7 +107,7 @@ def check_folder(workflows: Sequence[LoadedWorkflow]) -> None:
 
 def _receiver_entry(loaded: LoadedWorkflow) -> Entry | None:
     for entry in loaded.entries:
-        if isinstance(entry.setting, model.DicomReceiverSetting):
+        if isinstance(entry.setting, model.ReceiverSetting):
             return entry
     return None
 
@@ -125,7 +125,7 @@ class _WorkflowChecks:
         self.structure()
         for entry in self.loaded.entries:
             setting = entry.setting
-            if isinstance(setting, model.DicomReceiverSetting):
+            if isinstance(setting, model.ReceiverSetting):
                 self.receiver(entry, setting)
             elif isinstance(setting, model.SenderSetting):
                 self.sender(entry, setting)
@@ -148,7 +148,8 @@ class _WorkflowChecks:
             if not receivers:
                 self.sink.error(
                     "/WorkflowPattern",
-                    "no receiver: a workflow has exactly one DicomReceiverSetting",
+                    "no receiver: a workflow has exactly one (DicomReceiverSetting or "
+                    "StowRsReceiverSetting)",
                 )
             for extra in receivers[1:]:
                 self.sink.error(
@@ -246,12 +247,15 @@ class _WorkflowChecks:
                 self.sink.warning(entry.pointer, f"{entry.label} is {why}: it never runs")
 
     # ------------------------------------------------------------------------ receiver
-    def receiver(self, entry: Entry, receiver: model.DicomReceiverSetting) -> None:
+    def receiver(self, entry: Entry, receiver: model.ReceiverSetting) -> None:
         pointer = entry.pointer
-        self.ae_title(pointer_join(pointer, "OurAET"), receiver.our_aet)
-        self.allow_list(
-            pointer_join(pointer, "AcceptedCallingAETs"), receiver.accepted_calling_aets
-        )
+        if isinstance(receiver, model.DicomReceiverSetting):
+            self.ae_title(pointer_join(pointer, "OurAET"), receiver.our_aet)
+            self.allow_list(
+                pointer_join(pointer, "AcceptedCallingAETs"), receiver.accepted_calling_aets
+            )
+        elif isinstance(receiver, model.StowRsReceiverSetting):
+            self.stow_receiver(pointer, receiver)
         self.reference(
             pointer_join(pointer, "Filters"),
             receiver.filters,
@@ -289,9 +293,37 @@ class _WorkflowChecks:
                 seen.add(target.id)
         self.listener_tls(pointer, receiver)
 
-    def listener_tls(self, pointer: str, receiver: model.DicomReceiverSetting) -> None:
+    def stow_receiver(self, pointer: str, receiver: model.StowRsReceiverSetting) -> None:
+        name = receiver.service_name.strip()
+        if not name or name.startswith("/") or name.endswith("/") or "?" in name:
+            self.sink.error(
+                pointer_join(pointer, "ServiceName"),
+                f"ServiceName {receiver.service_name!r} is not a path prefix",
+                "write it without a leading or trailing slash, e.g. dicom-web",
+            )
+        kind = receiver.authentication_type
+        if kind == StowAuthentication.Basic and not receiver.user_name.strip():
+            self.sink.error(
+                pointer_join(pointer, "UserName"), "AuthenticationType 1 needs UserName"
+            )
+        if kind == StowAuthentication.Bearer and not receiver.bearer_token.strip():
+            self.sink.error(
+                pointer_join(pointer, "BearerToken"), "AuthenticationType 3 needs BearerToken"
+            )
+        self.secret(pointer_join(pointer, "Password"), receiver.password)
+        self.secret(pointer_join(pointer, "BearerToken"), receiver.bearer_token)
+        for header, variable in receiver.header_parameters.items():
+            if not variable.strip() or not header.strip():
+                self.sink.error(
+                    pointer_join(pointer_join(pointer, "HeaderParameters"), header),
+                    "a HeaderParameters entry maps a header name to a variable name",
+                )
+            else:
+                self.variables_set.add(variable.strip().lower())
+
+    def listener_tls(self, pointer: str, receiver: model.ReceiverSetting) -> None:
         """TLS fields that fit together, and files that load (the runtime's own loader)."""
-        mutual = receiver.authentication_type == ListenerAuthentication.Certificate
+        mutual = receiver.mutual_tls
         at = {name: pointer_join(pointer, field) for name, field in _TLS_LISTENER_FIELDS.items()}
         if not receiver.use_ssl:
             if mutual:

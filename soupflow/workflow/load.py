@@ -102,9 +102,9 @@ class LoadedWorkflow:
         return not self.sink.has_errors
 
     @property
-    def receiver(self) -> model.DicomReceiverSetting | None:
+    def receiver(self) -> model.ReceiverSetting | None:
         for entry in self.entries:
-            if isinstance(entry.setting, model.DicomReceiverSetting):
+            if isinstance(entry.setting, model.ReceiverSetting):
                 return entry.setting
         return None
 

@@ -33,6 +33,7 @@ from soupflow.workflow.types import (
     MllpAuthentication,
     PathType,
     Reference,
+    StowAuthentication,
     Str,
     StringComparer,
     TextFormat,
@@ -450,12 +451,17 @@ class ClientTlsFields(FormatModel):
 
 
 # ------------------------------------------------------------------------------ receiver
-class DicomReceiverSetting(Setting, ListenerTlsFields):
-    """The workflow's DICOM C-STORE listener; its `Id` is the workflow's identity."""
+def parse_allow_list(allow_list: str) -> frozenset[str] | None:
+    """`AcceptedCallingAETs` as upper-case titles; None when `*` lets anyone in."""
+    titles = {token.strip().upper() for token in allow_list.split(",")}
+    titles.discard("")
+    return None if "*" in titles else frozenset(titles)
 
-    TYPE_NAME: ClassVar[str] = "HL7Soup.Functions.Settings.Receivers.DicomReceiverSetting"
+
+class ReceiverSetting(Setting, ListenerTlsFields):
+    """What every receiver kind has: its `Id` is the workflow's identity."""
+
     KIND: ClassVar[str] = "receiver"
-    type_: Str = _type_field(TYPE_NAME)
     schema_: Str | None = Field(None, alias="$schema", description="JSON Schema for editors.")
     workflow_pattern_name: Str = Field("", description="The workflow's display name.")
     disabled: Bool = Field(False, description="A disabled receiver starts no listener.")
@@ -463,17 +469,8 @@ class DicomReceiverSetting(Setting, ListenerTlsFields):
         104,
         ge=0,
         le=65535,
-        description="TCP port of the C-STORE listener; one workflow per "
-        "port across the folder; 0 = a free port chosen at start (shown by `status`).",
-    )
-    our_aet: Str = Field("HL7SOUP_SCP", description="Our AE title (1-16 characters).")
-    accepted_calling_aets: Str = Field(
-        "*",
-        description="Comma-separated calling AE titles allowed to associate; `*` accepts "
-        "anyone; tokens are trimmed and compared case-insensitively; empty rejects everyone.",
-    )
-    association_timeout_seconds: Int = Field(
-        30, ge=1, description="Association negotiation and idle network timeout."
+        description="TCP port of the listener; one workflow per port across the folder "
+        "(both receiver kinds); 0 = a free port chosen at start (shown by `status`).",
     )
     message_type: MessageTypeField = Field(
         MessageType.JSON, description="Kept for compatibility; ingestion builds a DICOM message."
@@ -489,6 +486,37 @@ class DicomReceiverSetting(Setting, ListenerTlsFields):
         None, description="Accepted; a DICOM receiver sends no response, so it has no effect."
     )
     activities: list[Reference] = Field([], description="Sender ids, in execution order.")
+    deduplicate_window_seconds: Int = Field(
+        0,
+        ge=0,
+        description="soupflow extension: drop a resent SOPInstanceUID within this "
+        "window; 0 = off (a resend is processed again).",
+    )
+
+    @property
+    def mutual_tls(self) -> bool:
+        """Whether a client certificate is required (each kind's `AuthenticationType`)."""
+        return False
+
+    def identity(self) -> tuple[str, str]:
+        """(what it answers as, who may call) for the listener table."""
+        return "", ""
+
+
+class DicomReceiverSetting(ReceiverSetting):
+    """The workflow's DICOM C-STORE listener; its `Id` is the workflow's identity."""
+
+    TYPE_NAME: ClassVar[str] = "HL7Soup.Functions.Settings.Receivers.DicomReceiverSetting"
+    type_: Str = _type_field(TYPE_NAME)
+    our_aet: Str = Field("HL7SOUP_SCP", description="Our AE title (1-16 characters).")
+    accepted_calling_aets: Str = Field(
+        "*",
+        description="Comma-separated calling AE titles allowed to associate; `*` accepts "
+        "anyone; tokens are trimmed and compared case-insensitively; empty rejects everyone.",
+    )
+    association_timeout_seconds: Int = Field(
+        30, ge=1, description="Association negotiation and idle network timeout."
+    )
     enforce_our_aet: Bool = Field(
         False, description="soupflow extension: reject associations whose called AE is not OurAET."
     )
@@ -498,16 +526,79 @@ class DicomReceiverSetting(Setting, ListenerTlsFields):
     max_pdu_size: Int = Field(
         0, ge=0, description="soupflow extension: maximum PDU size we receive; 0 = unlimited."
     )
-    deduplicate_window_seconds: Int = Field(
-        0,
-        ge=0,
-        description="soupflow extension: drop a resent SOPInstanceUID within this "
-        "window; 0 = off (a resend is processed again).",
-    )
     authentication_type: Annotated[
         ListenerAuthentication,
         EnumNumberOrName("soupflow extension: 0 none, 2 client certificate required"),
     ] = ListenerAuthentication.none
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.authentication_type == ListenerAuthentication.Certificate
+
+    def identity(self) -> tuple[str, str]:
+        allowed = parse_allow_list(self.accepted_calling_aets)
+        if allowed is None:
+            return self.our_aet, "anyone"
+        return self.our_aet, ", ".join(sorted(allowed)) if allowed else "nobody (empty allow-list)"
+
+
+class StowRsReceiverSetting(ReceiverSetting):
+    """soupflow receiver: DICOMweb STOW-RS (`POST /{ServiceName}/studies[/{study}]`), each
+    instance committed through the same ingest as a C-STORE before the answer."""
+
+    TYPE_NAME: ClassVar[str] = "Soupflow.Receivers.StowRsReceiverSetting"
+    type_: Str = _type_field(TYPE_NAME)
+    port: Int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="TCP port of the HTTP listener; one workflow per port across the folder "
+        "(both receiver kinds); 0 = a free port chosen at start (shown by `status`).",
+    )
+    service_name: Str = Field(
+        "dicom-web", description="The path prefix: POST /{ServiceName}/studies[/{study}]."
+    )
+    authentication_type: Annotated[
+        StowAuthentication,
+        EnumNumberOrName("0 none, 1 Basic, 2 client certificate, 3 bearer token"),
+    ] = StowAuthentication.none
+    user_name: Str = Field("", description="Basic user name (AuthenticationType 1).")
+    password: Str = Field("", description="Basic password; use `${env:NAME}`.")
+    bearer_token: Str = Field("", description="The token (AuthenticationType 3); `${env:NAME}`.")
+    header_parameters: dict[str, Str] = Field(
+        {},
+        description='Request header -> variable name, e.g. {"X-Dicomly-Cert-Id": '
+        '"SenderCertId"}; the headers also go into the Association node.',
+    )
+    deduplicate_header: Str = Field(
+        "",
+        description="A header naming the delivery (e.g. X-Dicomly-Request-Id): not used yet.",
+    )
+    max_request_bytes: Int = Field(
+        4 * 2**30, ge=0, description="The largest body accepted (413 beyond); 0 = no limit."
+    )
+    max_concurrent_requests: Int = Field(
+        16, ge=1, description="Requests served at once; the next hears 503 with Retry-After."
+    )
+    request_timeout_seconds: Int = Field(
+        60,
+        ge=1,
+        description="The longest silence while reading a request; past it the connection "
+        "is closed (never 408).",
+    )
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.authentication_type == StowAuthentication.Certificate
+
+    def identity(self) -> tuple[str, str]:
+        who = {
+            StowAuthentication.none: "anyone",
+            StowAuthentication.Basic: "Basic credentials",
+            StowAuthentication.Certificate: "client certificates",
+            StowAuthentication.Bearer: "a bearer token",
+        }[self.authentication_type]
+        return f"STOW-RS /{self.service_name.strip()}", who
 
 
 # ------------------------------------------------------------------------------- senders
@@ -703,8 +794,12 @@ class StowRsSenderSetting(SenderSetting, ClientTlsFields):
     timeout_seconds: Int = Field(30, ge=1, description="Request timeout.")
 
 
-SETTING_CLASSES: tuple[type[Setting], ...] = (
+RECEIVER_CLASSES: tuple[type[ReceiverSetting], ...] = (
     DicomReceiverSetting,
+    StowRsReceiverSetting,
+)
+SETTING_CLASSES: tuple[type[Setting], ...] = (
+    *RECEIVER_CLASSES,
     FilterHostSetting,
     TransformerSetting,
     FileWriterSenderSetting,
@@ -717,6 +812,7 @@ SETTING_CLASSES: tuple[type[Setting], ...] = (
 
 AnySetting = Annotated[
     Annotated[DicomReceiverSetting, Tag("DicomReceiverSetting")]
+    | Annotated[StowRsReceiverSetting, Tag("StowRsReceiverSetting")]
     | Annotated[FilterHostSetting, Tag("FilterHostSetting")]
     | Annotated[TransformerSetting, Tag("TransformerSetting")]
     | Annotated[FileWriterSenderSetting, Tag("FileWriterSenderSetting")]
@@ -749,7 +845,7 @@ class WorkflowFile(FormatModel):
     )
 
 
-def parse_document(document: Any) -> WorkflowFile | DicomReceiverSetting:
+def parse_document(document: Any) -> WorkflowFile | ReceiverSetting:
     """The model of a whole file: a bare receiver (has `$type`) or a workflow file.
 
     Raises pydantic.ValidationError (or TypeError for a non-object root).
@@ -757,7 +853,8 @@ def parse_document(document: Any) -> WorkflowFile | DicomReceiverSetting:
     if not isinstance(document, dict):
         raise TypeError("a workflow file is a JSON object")
     if "$type" in document:
-        return DicomReceiverSetting.model_validate(document)
+        cls = pick_class(document, RECEIVER_CLASSES) or DicomReceiverSetting
+        return typing.cast(ReceiverSetting, cls.model_validate(document))
     return WorkflowFile.model_validate(document)
 
 
@@ -782,7 +879,7 @@ def known_fields(model: type[BaseModel]) -> frozenset[str]:
 
 def root_classes(document: dict[str, Any]) -> tuple[type[FormatModel], ...]:
     """The model of a file's root object: a bare receiver when it has `$type`."""
-    return (DicomReceiverSetting,) if "$type" in document else (WorkflowFile,)
+    return RECEIVER_CLASSES if "$type" in document else (WorkflowFile,)
 
 
 def pick_class(

@@ -40,6 +40,7 @@ BUILT_IN_VARIABLES = frozenset(
         "RequestId",
         "ClientCertSha256",
         "ClientCertSubject",
+        "StowStudyInstanceUID",
     )
 )
 

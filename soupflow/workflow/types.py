@@ -199,6 +199,13 @@ class ListenerAuthentication(enum.IntEnum):
     Certificate = 2
 
 
+class StowAuthentication(enum.IntEnum):
+    none = 0
+    Basic = 1
+    Certificate = 2
+    Bearer = 3
+
+
 class TextFormat(enum.IntEnum):
     none = 0
     UpperCase = 1

@@ -1,0 +1,279 @@
+"""The STOW-RS receiver with real clients on loopback: curl (Content-Length, chunked,
+Expect: 100-continue), Orthanc's DICOMweb client, soupflow's own STOW-RS sender; every
+status of the table, and nothing half-stored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from soupflow.store.queue import State
+from soupflow.store.sqlite import SqliteQueue
+from tests import documents
+from tests.dicom import (
+    RuntimeProcess,
+    dataset_bytes,
+    sample_file,
+    send_files,
+    unavailable,
+    wait_for,
+)
+from tests.documents import NS_SENDERS, RECEIVER_ID, type_of
+from tests.peers import Orthanc
+from tests.test_mllp_and_stow_senders import study
+
+CT, MR = sample_file("CT_small.dcm"), sample_file("MR_small.dcm")
+PHI = ("CompressedSamples", "1CT1")
+WRITER_ID = "99999999-0000-4000-8000-0000000000f1"
+
+
+def stow_receiver(**fields: Any) -> dict[str, Any]:
+    return {
+        "$type": "Soupflow.Receivers.StowRsReceiverSetting, Soupflow",
+        "Id": RECEIVER_ID,
+        "Name": "Deliveries",
+        "WorkflowPatternName": "Deliveries",
+        "Port": 0,
+        "ServiceName": "dicom-web",
+        "Activities": [WRITER_ID],
+        **fields,
+    }
+
+
+def archive(path: str = "out/${SOPInstanceUID}.dcm") -> dict[str, Any]:
+    return {
+        "$type": type_of("FileWriterSenderSetting", NS_SENDERS),
+        "Id": WRITER_ID,
+        "Name": "Archive",
+        "FilePathToWrite": path,
+        "MessageType": 16,
+    }
+
+
+def running(
+    tmp_path: Path, receiver: dict[str, Any], writer: dict[str, Any] | None = None
+) -> RuntimeProcess:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir(parents=True)
+    document = {
+        "Name": "Deliveries",
+        "WorkflowId": RECEIVER_ID,
+        "WorkflowPattern": [receiver, writer or archive()],
+    }
+    documents.write(workflows / "stow.json", document)
+    return RuntimeProcess(workflows, tmp_path / "data")
+
+
+def multipart(*parts: bytes, boundary: str = "soupflow-test-boundary") -> tuple[bytes, str]:
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
+        for part in parts
+    )
+    return body + b"--" + boundary.encode() + b"--\r\n", boundary
+
+
+def curl(
+    url: str,
+    body: bytes,
+    folder: Path,
+    content_type: str,
+    *options: str,
+) -> tuple[int, dict[str, Any]]:
+    program = shutil.which("curl")
+    if program is None:
+        unavailable("curl is not installed")
+    request, response = folder / f"{uuid.uuid4()}.body", folder / f"{uuid.uuid4()}.json"
+    request.write_bytes(body)
+    done = subprocess.run(
+        [
+            program,
+            "-s",
+            "-o",
+            str(response),
+            "-w",
+            "%{http_code}",
+            "-H",
+            f"Content-Type: {content_type}",
+            *options,
+            "--data-binary",
+            f"@{request}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    text = response.read_text() if response.exists() else ""
+    return int(done.stdout or 0), json.loads(text) if text.startswith("{") else {}
+
+
+def related(boundary: str) -> str:
+    return f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def base_url(runtime: RuntimeProcess) -> str:
+    return f"http://127.0.0.1:{runtime.ports[RECEIVER_ID]}/dicom-web"
+
+
+def stored_uids(document: dict[str, Any]) -> list[str]:
+    return [item["00081155"]["Value"][0] for item in document.get("00081199", {}).get("Value", [])]
+
+
+def failure_reasons(document: dict[str, Any]) -> list[int]:
+    return [item["00081197"]["Value"][0] for item in document.get("00081198", {}).get("Value", [])]
+
+
+def uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def final_messages(data: Path, count: int) -> list[Any]:
+    queue = SqliteQueue(data)
+    try:
+        return list(
+            wait_for(
+                lambda: (
+                    m
+                    if len(m := queue.messages()) == count
+                    and all(x.state in (State.COMPLETED, State.DEAD) for x in m)
+                    else None
+                ),
+                "the messages to finish",
+            )
+        )
+    finally:
+        queue.close()
+
+
+@pytest.mark.parametrize("transfer", ["Content-Length", "chunked"])
+def test_curl_stores_two_instances_and_they_run_through_the_workflow(
+    tmp_path: Path, transfer: str
+) -> None:
+    runtime = running(tmp_path, stow_receiver())
+    try:
+        body, boundary = multipart(CT.read_bytes(), MR.read_bytes())
+        options = ["-H", "Transfer-Encoding: chunked"] if transfer == "chunked" else []
+        code, document = curl(
+            f"{base_url(runtime)}/studies", body, tmp_path, related(boundary), *options
+        )
+        assert code == 200, document
+        assert sorted(stored_uids(document)) == sorted([uid(CT), uid(MR)])
+        messages = final_messages(tmp_path / "data", 2)
+        assert {m.state for m in messages} == {State.COMPLETED}
+        assert {m.arrival.origin.transport for m in messages} == {"STOW-RS"}
+        written = tmp_path / "data" / "out" / f"{uid(CT)}.dcm"
+        assert dataset_bytes(written) == dataset_bytes(CT)
+    finally:
+        assert runtime.terminate() == 0
+    assert not any(value in runtime.log_text() for value in PHI)
+
+
+def test_every_status_of_the_table_and_nothing_half_stored(tmp_path: Path) -> None:
+    runtime = running(
+        tmp_path,
+        stow_receiver(
+            AuthenticationType=1, UserName="dicomly", Password="s3cret", MaxRequestBytes=2_000_000
+        ),
+    )
+    url, auth = f"{base_url(runtime)}/studies", ["-u", "dicomly:s3cret"]
+    ct_study = str(dcmread(CT, stop_before_pixels=True).StudyInstanceUID)
+    try:
+        body, boundary = multipart(CT.read_bytes(), b"not a DICOM file at all")
+        code, document = curl(url, body, tmp_path, related(boundary), *auth)
+        assert code == 202 and stored_uids(document) == [uid(CT)]
+        assert failure_reasons(document) == [0xC000]
+        garbage, boundary = multipart(b"garbage")
+        assert curl(url, garbage, tmp_path, related(boundary), *auth)[0] == 400
+        mismatch, boundary = multipart(MR.read_bytes())
+        code, document = curl(f"{url}/{ct_study}", mismatch, tmp_path, related(boundary), *auth)
+        assert code == 409 and failure_reasons(document) == [0xA900]
+        assert curl(url, body, tmp_path, "application/json", *auth)[0] == 415
+        assert curl(url, body, tmp_path, related(boundary), "-u", "dicomly:wrong")[0] == 401
+        large, boundary = multipart(bytes(3_000_000))
+        assert curl(url, large, tmp_path, related(boundary), *auth)[0] == 413
+        whole, boundary = multipart(MR.read_bytes())
+        truncated = whole[: len(whole) // 2]
+        assert curl(url, truncated, tmp_path, related(boundary), *auth)[0] == 400
+        missing, _ = multipart(MR.read_bytes())
+        assert curl(url, missing, tmp_path, "multipart/related", *auth)[0] == 400  # no boundary
+    finally:
+        assert runtime.terminate() == 0
+    queue = SqliteQueue(tmp_path / "data")
+    try:
+        assert [m.arrival.sop_instance_uid for m in queue.messages()] == [uid(CT)]  # only it
+    finally:
+        queue.close()
+    assert not list((tmp_path / "data" / "incoming").glob("*.part"))
+
+
+def test_soupflows_stow_sender_delivers_to_a_soupflow_stow_receiver(tmp_path: Path) -> None:
+    receiving = running(tmp_path / "b", stow_receiver())
+    try:
+        sender = {
+            "$type": "Soupflow.Senders.StowRsSenderSetting, Soupflow",
+            "Id": "99999999-0000-4000-8000-0000000000f2",
+            "Name": "DICOMweb",
+            "BaseUrl": base_url(receiving),
+        }
+        workflows, data = tmp_path / "a" / "workflows", tmp_path / "a" / "data"
+        workflows.mkdir(parents=True)
+        documents.write(
+            workflows / "forward.json",
+            documents.workflow(sender, Port=0, AcceptedCallingAETs="*"),
+        )
+        forwarding = RuntimeProcess(workflows, data)
+        try:
+            files = study(tmp_path / "study", 6)
+            assert send_files(forwarding.port, files) == [0] * 6
+            assert {m.state for m in final_messages(data, 6)} == {State.COMPLETED}
+        finally:
+            assert forwarding.terminate() == 0
+        final_messages(tmp_path / "b" / "data", 6)
+        for path in files:
+            written = tmp_path / "b" / "data" / "out" / f"{uid(path)}.dcm"
+            assert dataset_bytes(written) == dataset_bytes(path)
+    finally:
+        assert receiving.terminate() == 0
+
+
+def test_orthanc_pushes_a_study_with_dicomly_headers_that_route_it(tmp_path: Path) -> None:
+    receiving = running(
+        tmp_path / "soupflow",
+        stow_receiver(HeaderParameters={"X-Dicomly-Cert-Id": "SenderCertId"}),
+        archive("out/${SenderCertId}/${SOPInstanceUID}.dcm"),
+    )
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        DicomWeb={
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "Servers": {
+                "soupflow": {
+                    "Url": base_url(receiving) + "/",
+                    "HttpHeaders": {"X-Dicomly-Cert-Id": "scanner-7"},
+                }
+            },
+        },
+    )
+    try:
+        files = study(tmp_path / "study", 20)
+        for path in files:
+            orthanc.post("/instances", path.read_bytes())
+        studies = orthanc.get("/studies")  # CT and MR samples: two patients, so two studies
+        orthanc.post_json("/dicom-web/servers/soupflow/stow", {"Resources": studies})
+        messages = final_messages(tmp_path / "soupflow" / "data", 20)
+        assert {m.state for m in messages} == {State.COMPLETED}
+        for path in files:
+            written = tmp_path / "soupflow" / "data" / "out" / "scanner-7" / f"{uid(path)}.dcm"
+            assert dataset_bytes(written) == dataset_bytes(path)
+    finally:
+        orthanc.stop()
+        assert receiving.terminate() == 0
