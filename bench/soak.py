@@ -65,6 +65,7 @@ class Counts:
     stores: int = 0
     failed_stores: int = 0
     abuse: dict[str, int] = field(default_factory=dict)
+    first_failure: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, name: str) -> None:
@@ -156,8 +157,9 @@ def _loop(until: float, work: Callable[[], None], on_done: Callable[[], None]) -
         on_done()
 
 
-def _store(port: int, files: list[Path]) -> bool:
-    """One storescu association sending `files`; whether every store succeeded."""
+def _store(port: int, files: list[Path], counts: Counts | None = None) -> bool:
+    """One storescu association sending `files`; whether every store succeeded (the first
+    failure's output is kept in `counts`)."""
     storescu = shutil.which("storescu")
     assert storescu is not None, "dcmtk's storescu sends the normal stores"
     done = subprocess.run(
@@ -167,12 +169,14 @@ def _store(port: int, files: list[Path]) -> bool:
         check=False,
         timeout=120,
     )
+    if done.returncode != 0 and counts is not None and not counts.first_failure:
+        counts.first_failure = (done.stderr or done.stdout).decode(errors="replace")[-400:]
     return done.returncode == 0
 
 
 def _store_loop(until: float, port: int, files: list[Path], counts: Counts) -> None:
     while time.monotonic() < until:
-        stored = _store(port, files)
+        stored = _store(port, files, counts)
         with counts.lock:
             counts.stores += len(files)
             if not stored:
@@ -218,6 +222,8 @@ def soak(seconds: float, work: Path) -> list[str]:
             time.sleep(0.5)
         time.sleep(3.5)  # past AssociationTimeoutSeconds: the last abusers' sockets are gone
         end = sample(pid)
+        if counts.failed_stores:  # the runtime's side of it, for whoever reads the report
+            shutil.copy(work / "soupflow.log", Path(tempfile.gettempdir()) / "soupflow-soak.log")
     return report(seconds, counts, start, end)
 
 
@@ -237,6 +243,13 @@ def report(seconds: float, counts: Counts, start: Sample, end: Sample) -> list[s
         f"| normal stores failed | {counts.failed_stores:,} |",
     ]
     lines += [f"| {name} | {count:,} |" for name, count in sorted(counts.abuse.items())]
+    if counts.first_failure:
+        lines += [
+            "",
+            "The first failed store said:",
+            "",
+            "    " + counts.first_failure.replace("\n", "\n    "),
+        ]
     return lines
 
 

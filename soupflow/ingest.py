@@ -19,7 +19,7 @@ from collections.abc import Callable
 from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject
 from soupflow.dicom.part10 import MalformedObjectError, identify
-from soupflow.store.queue import Arrival, Origin, Queue, QueueError
+from soupflow.store.queue import Arrival, Delivery, Origin, Queue, QueueError
 from soupflow.store.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,12 @@ class Ingest:
         origin: Origin,
         received: ReceivedObject,
         dedupe_seconds: float = 0,
+        delivery: Delivery | None = None,
     ) -> int:
         """The status to answer; the received file is moved into the spool or removed.
         Never raises: any surprise is 0xA700 (the sender may try again)."""
         try:
-            return self._store(workflow_id, origin, received, dedupe_seconds)
+            return self._store(workflow_id, origin, received, dedupe_seconds, delivery)
         except Exception as exc:
             log.error(
                 "C-STORE for workflow %s failed: %s; answered %s",
@@ -74,7 +75,12 @@ class Ingest:
             received.path.unlink(missing_ok=True)
 
     def _store(
-        self, workflow_id: str, origin: Origin, received: ReceivedObject, dedupe_seconds: float
+        self,
+        workflow_id: str,
+        origin: Origin,
+        received: ReceivedObject,
+        dedupe_seconds: float,
+        delivery: Delivery | None,
     ) -> int:
         sop_instance_uid = received.sop_instance_uid
         problem = check_object(received)
@@ -110,7 +116,7 @@ class Ingest:
             origin=origin,
         )
         try:
-            enqueued = self.queue.enqueue(arrival, dedupe_seconds)
+            enqueued = self.queue.enqueue(arrival, dedupe_seconds, delivery)
         except QueueError as exc:
             self.spool.remove(request_id)
             log.error(

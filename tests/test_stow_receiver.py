@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydicom import dcmread
 from soupflow.store.queue import State
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
+from tests.certs import Pki
 from tests.dicom import (
     RuntimeProcess,
     dataset_bytes,
@@ -277,3 +279,84 @@ def test_orthanc_pushes_a_study_with_dicomly_headers_that_route_it(tmp_path: Pat
     finally:
         orthanc.stop()
         assert receiving.terminate() == 0
+
+
+DICOMLY = {
+    "X-Dicomly-Endpoint-Id": "endpoint-1",
+    "X-Dicomly-Cert-Id": "scanner-7",
+    "X-Dicomly-Request-Id": "delivery-0001",
+}
+
+
+def test_a_dicomly_delivery_routes_by_its_cert_id_and_a_replay_makes_no_second_message(
+    tmp_path: Path,
+) -> None:
+    receiver = stow_receiver(
+        HeaderParameters={
+            "X-Dicomly-Cert-Id": "SenderCertId",
+            "X-Dicomly-Request-Id": "DeliveryId",
+        },
+        DeduplicateHeader="X-Dicomly-Request-Id",
+    )
+    runtime = running(tmp_path, receiver, archive("out/${SenderCertId}/${SOPInstanceUID}.dcm"))
+    url = f"{base_url(runtime)}/studies"
+    headers = [option for name, value in DICOMLY.items() for option in ("-H", f"{name}: {value}")]
+    try:
+        body, boundary = multipart(CT.read_bytes())
+        first = curl(url, body, tmp_path, related(boundary), *headers)
+        replay = curl(url, body, tmp_path, related(boundary), *headers)
+        assert first[0] == replay[0] == 200
+        assert stored_uids(first[1]) == stored_uids(replay[1]) == [uid(CT)]
+        assert len(final_messages(tmp_path / "data", 1)) == 1
+        assert (tmp_path / "data" / "out" / "scanner-7" / f"{uid(CT)}.dcm").exists()
+        changed = CT.read_bytes()[:-2] + b"\x00\x01"  # the same instance, other bytes
+        other, boundary = multipart(changed)
+        code, document = curl(url, other, tmp_path, related(boundary), *headers)
+        assert code == 409 and failure_reasons(document) == [0x0110]
+        assert len(final_messages(tmp_path / "data", 1)) == 1
+    finally:
+        assert runtime.terminate() == 0
+    log = runtime.log_text()
+    assert "delivery-0001" in log and not any(value in log for value in PHI)
+    assert "Authorization" not in log
+
+
+def test_a_client_that_stalls_is_disconnected_and_others_are_served(tmp_path: Path) -> None:
+    runtime = running(tmp_path, stow_receiver(RequestTimeoutSeconds=1))
+    port = runtime.ports[RECEIVER_ID]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            stalled.sendall(
+                b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                b'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n\r\n--b'
+            )
+            assert stalled.recv(65536) == b""  # closed, no 408
+        body, boundary = multipart(CT.read_bytes())
+        assert curl(f"{base_url(runtime)}/studies", body, tmp_path, related(boundary))[0] == 200
+    finally:
+        assert runtime.terminate() == 0
+
+
+def test_stow_over_mutual_tls_with_a_thumbprint_list(tmp_path: Path, pki: Pki) -> None:
+    receiver = stow_receiver(
+        UseSsl=True,
+        CertificateFile=str(pki.server.certificate),
+        PrivateKeyFile=str(pki.server.key),
+        TrustedCertificatesFile=str(pki.ca.path),
+        AuthenticationType=2,
+        ClientCertificateThumbPrint=pki.client.sha256,
+    )
+    runtime = running(tmp_path, receiver)
+    url = f"https://127.0.0.1:{runtime.ports[RECEIVER_ID]}/dicom-web/studies"
+    body, boundary = multipart(CT.read_bytes())
+    tls_options = ["--cacert", str(pki.ca.path)]
+    try:
+        with_cert = ["--cert", str(pki.client.certificate), "--key", str(pki.client.key)]
+        assert curl(url, body, tmp_path, related(boundary), *tls_options, *with_cert)[0] == 200
+        other = pki.ca.issue("other modality", client=True)
+        wrong = ["--cert", str(other.certificate), "--key", str(other.key)]
+        assert curl(url, body, tmp_path, related(boundary), *tls_options, *wrong)[0] == 403
+        [message] = final_messages(tmp_path / "data", 1)
+        assert message.arrival.origin.client_cert_sha256 == pki.client.sha256
+    finally:
+        assert runtime.terminate() == 0

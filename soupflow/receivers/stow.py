@@ -21,6 +21,7 @@ and part counts and statuses: never a body, an `Authorization` header or a datas
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -42,7 +43,7 @@ from soupflow.dicom.acceptor import ReceivedObject
 from soupflow.ingest import Ingest
 from soupflow.receivers.base import ReceiverError
 from soupflow.receivers.server import Limits, Server, drain, peer
-from soupflow.store.queue import Origin
+from soupflow.store.queue import Delivery, Origin, QueueError
 from soupflow.workflow.model import StowRsReceiverSetting
 from soupflow.workflow.types import StowAuthentication
 
@@ -54,6 +55,7 @@ _MAX_HEADER_BYTES = 64 * 1024
 _RETRY_AFTER = "5"
 _STOP_WAIT_SECONDS = 5.0
 _STUDY = re.compile(r"^[0-9.]{1,64}$")
+PROCESSING_FAILURE = 0x0110  # PS3.18 I.2.2: the same delivery and instance, other bytes
 
 
 @dataclass
@@ -169,6 +171,8 @@ class StowListener:
         self._server: Server | None = None
         self._stopping = threading.Event()
         self._busy = threading.BoundedSemaphore(receiver.max_concurrent_requests)
+        self._inflight: set[str] = set()  # delivery ids being received now
+        self._inflight_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -289,12 +293,50 @@ class StowListener:
                 return _drain_body(http, connection)
             _answer(http, connection, exc.code, _error_body(str(exc)), exc.headers, close=True)
             return False
+        delivery_id = self._delivery_id(headers)
+        if delivery_id is not None and not self._claim(delivery_id):
+            self._busy.release()
+            log.warning(
+                "STOW-RS request %s from %s for workflow %s: 503: delivery %s is still "
+                "being received",
+                request_id,
+                where,
+                self.workflow_id,
+                delivery_id,
+            )
+            retry = (("Retry-After", _RETRY_AFTER),)
+            busy = _error_body("the same delivery is in progress")
+            _answer(http, connection, 503, busy, retry, close=True)
+            return False
         try:
             return self._store(
-                http, connection, request_id, where, certificate, headers, boundary, study
+                http,
+                connection,
+                request_id,
+                where,
+                certificate,
+                headers,
+                boundary,
+                study,
+                delivery_id,
             )
         finally:
             self._busy.release()
+            if delivery_id is not None:
+                with self._inflight_lock:
+                    self._inflight.discard(delivery_id)
+
+    def _delivery_id(self, headers: dict[str, str]) -> str | None:
+        name = self.receiver.deduplicate_header.strip().lower()
+        value = headers.get(name, "").strip() if name else ""
+        return value or None
+
+    def _claim(self, delivery_id: str) -> bool:
+        with self._inflight_lock:
+            if delivery_id in self._inflight:
+                return False
+            self._inflight.add(delivery_id)
+            return True
 
     def _route(self, request: h11.Request) -> str:
         """The study UID in the URL ("" for /studies); _RefusalError for any other request."""
@@ -351,6 +393,7 @@ class StowListener:
         headers: dict[str, str],
         boundary: str,
         study: str,
+        delivery_id: str | None,
     ) -> bool:
         if headers.get("expect", "").lower() == "100-continue":
             connection.sendall(http.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -415,7 +458,7 @@ class StowListener:
                 {"Headers": self._mapped(headers), "StowStudyInstanceUID": study}, sort_keys=True
             ),
         )
-        results = [self._commit(part, origin, study) for part in body.parts]
+        results = [self._commit(part, origin, study, delivery_id) for part in body.parts]
         code, document = _response(results)
         stored = sum(
             1 for _, _, result in results if status.category(result) == status.Category.SUCCESS
@@ -442,8 +485,11 @@ class StowListener:
             if name.lower() in headers
         }
 
-    def _commit(self, part: _Part, origin: Origin, study: str) -> tuple[str, str, int]:
-        """(SOP class, SOP instance, status) of one part, committed through ingest."""
+    def _commit(
+        self, part: _Part, origin: Origin, study: str, delivery_id: str | None
+    ) -> tuple[str, str, int]:
+        """(SOP class, SOP instance, status) of one part, committed through ingest; a replay
+        of a delivery (same id, same instance, same bytes) is answered as stored again."""
         media = part.content_type.split(";", 1)[0].strip().lower()
         try:
             meta = dcmread(part.path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
@@ -460,6 +506,31 @@ class StowListener:
         if study and found_study != study:
             part.path.unlink(missing_ok=True)
             return sop_class, sop_instance, status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        delivery = None
+        if delivery_id is not None:
+            delivery = Delivery(delivery_id, _sha256(part.path))
+            try:
+                seen = self.ingest.queue.delivered(self.workflow_id, delivery_id, sop_instance)
+            except QueueError:
+                part.path.unlink(missing_ok=True)
+                return sop_class, sop_instance, status.OUT_OF_RESOURCES
+            if seen is not None:
+                part.path.unlink(missing_ok=True)
+                if seen == delivery.sha256:
+                    log.info(
+                        "SOPInstanceUID %s of delivery %s was stored before: answered as "
+                        "stored, not queued again",
+                        sop_instance,
+                        delivery_id,
+                    )
+                    return sop_class, sop_instance, status.SUCCESS
+                log.warning(
+                    "SOPInstanceUID %s of delivery %s came before with other bytes: refused "
+                    "(0x0110)",
+                    sop_instance,
+                    delivery_id,
+                )
+                return sop_class, sop_instance, PROCESSING_FAILURE
         received = ReceivedObject(
             path=part.path,
             sop_class_uid=sop_class,
@@ -467,9 +538,21 @@ class StowListener:
             transfer_syntax_uid=syntax,
         )
         code = self.ingest.store(
-            self.workflow_id, origin, received, float(self.receiver.deduplicate_window_seconds)
+            self.workflow_id,
+            origin,
+            received,
+            float(self.receiver.deduplicate_window_seconds),
+            delivery,
         )
         return sop_class, sop_instance, code
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _next_event(http: h11.Connection, connection: socket.socket) -> Any:

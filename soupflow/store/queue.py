@@ -54,6 +54,15 @@ class Origin:
     details: str = ""
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A sender's name for what it delivered (STOW-RS `DeduplicateHeader`): kept with the
+    queue entry, in its transaction, so that a replay is recognised."""
+
+    delivery_id: str
+    sha256: str  # of the object's bytes as received
+
+
 @dataclass(frozen=True, kw_only=True)
 class Arrival:
     """What ingest knows of a received object when it enqueues it."""
@@ -119,10 +128,17 @@ class Queue(Protocol):
     @property
     def schema_version(self) -> int: ...
 
-    def enqueue(self, arrival: Arrival, dedupe_seconds: float = 0) -> bool:
+    def enqueue(
+        self, arrival: Arrival, dedupe_seconds: float = 0, delivery: Delivery | None = None
+    ) -> bool:
         """Commit a new queued message durably (before the sender hears Success). With
         `dedupe_seconds`, an arrival whose SOPInstanceUID reached the same workflow within
-        that many seconds is not enqueued (False) and counted as a duplicate instead."""
+        that many seconds is not enqueued (False) and counted as a duplicate instead. With
+        `delivery`, its key (workflow, delivery id, SOPInstanceUID) and digest are stored in
+        the same transaction."""
+
+    def delivered(self, workflow_id: str, delivery_id: str, sop_instance_uid: str) -> str | None:
+        """The SHA-256 recorded for a delivery key, or None when it was never enqueued."""
 
     def lease(self, owner: str, now: float, lease_seconds: float) -> Message | None:
         """Take the oldest ready message (queued, `next_attempt_at` <= now) for `owner`, in

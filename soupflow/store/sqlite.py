@@ -24,6 +24,7 @@ from soupflow.store.queue import (
     MAX_LEASE_EXPIRIES,
     ActivityOutcome,
     Arrival,
+    Delivery,
     LeaseLostError,
     Message,
     Origin,
@@ -105,6 +106,14 @@ ALTER TABLE messages ADD COLUMN client_cert_sha256 TEXT NOT NULL DEFAULT '';
 ALTER TABLE messages ADD COLUMN client_cert_subject TEXT NOT NULL DEFAULT '';
 ALTER TABLE messages ADD COLUMN transport TEXT NOT NULL DEFAULT '';
 ALTER TABLE messages ADD COLUMN details TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS deliveries (
+    workflow_id TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY (workflow_id, delivery_id, sop_instance_uid)
+);
 """,
 )
 
@@ -243,7 +252,17 @@ class SqliteQueue:
             raise LeaseLostError(f"message {request_id} is not leased by {owner}")
 
     # ---------------------------------------------------------------------------- queue
-    def enqueue(self, arrival: Arrival, dedupe_seconds: float = 0) -> bool:
+    def delivered(self, workflow_id: str, delivery_id: str, sop_instance_uid: str) -> str | None:
+        rows = self._read(
+            "SELECT sha256 FROM deliveries WHERE workflow_id = ? AND delivery_id = ? "
+            "AND sop_instance_uid = ?",
+            (workflow_id, delivery_id, sop_instance_uid),
+        )
+        return str(rows[0][0]) if rows else None
+
+    def enqueue(
+        self, arrival: Arrival, dedupe_seconds: float = 0, delivery: Delivery | None = None
+    ) -> bool:
         """Commit the arrival; returns once it is durable.
 
         Group commit: arrivals from concurrent associations that come while a transaction
@@ -265,6 +284,8 @@ class SqliteQueue:
             arrival.sop_instance_uid,
             window_start,
         )
+        if delivery is not None:  # the delivery row, written after its message
+            row = (*row, (delivery.delivery_id, delivery.sha256))
         with self._batch_lock:
             batch, leader = self._open_batch, self._open_batch is None
             if batch is None:
@@ -506,8 +527,18 @@ def _execute_script(db: sqlite3.Connection, script: str) -> None:
 
 
 def _insert(db: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
-    """Insert one arrival row; False (and counted) when it is a duplicate in its window."""
+    """Insert one arrival row (and its delivery, when it has one); False (and counted) when
+    it is a duplicate in its window."""
+    delivery = None
+    if len(row) > len(_COLUMNS) + 6:
+        *fields, delivery = row
+        row = tuple(fields)
     if db.execute(_INSERT_ARRIVAL, row).rowcount:
+        if delivery is not None:
+            db.execute(
+                "INSERT INTO deliveries VALUES (?, ?, ?, ?, ?)",
+                (row[1], delivery[0], row[5], delivery[1], row[0]),
+            )
         return True
     workflow_id, received_at = row[1], row[7]
     db.execute(_COUNT_DUPLICATE, (workflow_id, received_at))

@@ -572,7 +572,9 @@ class StowRsReceiverSetting(ReceiverSetting):
     )
     deduplicate_header: Str = Field(
         "",
-        description="A header naming the delivery (e.g. X-Dicomly-Request-Id): not used yet.",
+        description="A header naming the delivery (e.g. X-Dicomly-Request-Id): a replay of "
+        "the same instance with the same bytes is answered as stored and not queued again; "
+        "other bytes under the same key fail that instance (0x0110).",
     )
     max_request_bytes: Int = Field(
         4 * 2**30, ge=0, description="The largest body accepted (413 beyond); 0 = no limit."
