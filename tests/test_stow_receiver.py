@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
+from bench.data import large_instance
+from bench.ingest import peak_rss
 from soupflow.store.queue import State
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
@@ -29,6 +31,7 @@ from tests.dicom import (
 )
 from tests.documents import NS_SENDERS, RECEIVER_ID, type_of
 from tests.peers import Orthanc
+from tests.test_ingest_failures import small_filesystem
 from tests.test_mllp_and_stow_senders import study
 
 CT, MR = sample_file("CT_small.dcm"), sample_file("MR_small.dcm")
@@ -358,5 +361,79 @@ def test_stow_over_mutual_tls_with_a_thumbprint_list(tmp_path: Path, pki: Pki) -
         assert curl(url, body, tmp_path, related(boundary), *tls_options, *wrong)[0] == 403
         [message] = final_messages(tmp_path / "data", 1)
         assert message.arrival.origin.client_cert_sha256 == pki.client.sha256
+    finally:
+        assert runtime.terminate() == 0
+
+
+def test_a_full_disk_answers_503_and_leaves_nothing_half_stored(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "data", "6m") as data:
+        workflows = tmp_path / "workflows"
+        workflows.mkdir()
+        document = {
+            "Name": "Deliveries",
+            "WorkflowId": RECEIVER_ID,
+            "WorkflowPattern": [stow_receiver(Activities=[])],
+        }
+        documents.write(workflows / "stow.json", document)
+        runtime = RuntimeProcess(workflows, data, "--workers", "0")
+        url = f"http://127.0.0.1:{runtime.ports[RECEIVER_ID]}/dicom-web/studies"
+        try:
+            big = tmp_path / "big.dcm"
+            large_instance(big, 8_000_000)
+            body, boundary = multipart(big.read_bytes())
+            code, document = curl(url, body, tmp_path, related(boundary))
+            assert code == 503, document
+            assert not list((data / "incoming").glob("*.part"))
+            small, boundary = multipart(CT.read_bytes())
+            assert curl(url, small, tmp_path, related(boundary))[0] == 200  # it recovers
+        finally:
+            assert runtime.terminate() == 0
+
+
+def test_a_1_gb_part_streams_through_in_bounded_memory(tmp_path: Path) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    document = {
+        "Name": "Deliveries",
+        "WorkflowId": RECEIVER_ID,
+        "WorkflowPattern": [stow_receiver(Activities=[])],
+    }
+    documents.write(workflows / "stow.json", document)
+    runtime = RuntimeProcess(workflows, tmp_path / "data", "--workers", "0")
+    try:
+        instance = large_instance(tmp_path / "large.dcm", 1 << 30)
+        boundary = "soupflow-large"
+        body = tmp_path / "body"
+        with body.open("wb") as out, instance.open("rb") as source:
+            out.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.write(f"\r\n--{boundary}--\r\n".encode())
+        instance.unlink()
+        program = shutil.which("curl")
+        assert program is not None
+        done = subprocess.run(
+            [
+                program,
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+                f"Content-Type: {related(boundary)}",
+                "-T",
+                str(body),  # streamed from the file, with its Content-Length
+                f"{base_url(runtime)}/studies",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert done.stdout == "200", done.stderr
+        peak = peak_rss(runtime.process.pid)
+        assert peak < 200 * 2**20, f"peak RSS {peak / 2**20:.0f} MB"
     finally:
         assert runtime.terminate() == 0
