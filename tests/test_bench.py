@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import forward, ingest, message, soak, tls
+from bench import forward, ingest, message, soak, stow, tls
 
 
 def test_message_benchmark_smoke() -> None:
@@ -52,3 +52,10 @@ def test_soak_benchmark_smoke() -> None:
 def test_tls_benchmark_smoke() -> None:
     rows = [line for line in tls.main(["--smoke"]) if line.startswith("| ") and "inst/s" in line]
     assert [row.split(" | ")[1] for row in rows] == [*tls.PATHS, *tls.PATHS]
+
+
+def test_stow_benchmark_smoke() -> None:
+    lines = stow.main(["--smoke"])
+    rows = [line for line in lines if line.startswith("| ") and "inst/s" in line]
+    assert [row.split(" | ")[1] for row in rows] == [*stow.RECEIVERS, *stow.RECEIVERS]
+    assert lines[-1].startswith("One instance of 20 MB to soupflow: ") and "peak RSS" in lines[-1]

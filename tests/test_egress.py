@@ -234,7 +234,7 @@ def test_a_cleartext_listener_off_loopback_is_refused_unless_the_operator_allows
     try:
         [row] = runtime.rows
         assert row.state == ListenerState.REFUSED
-        assert "cleartext DICOM on 0.0.0.0" in row.detail and "--allow-cleartext" in row.detail
+        assert "cleartext on 0.0.0.0" in row.detail and "--allow-cleartext" in row.detail
     finally:
         runtime.stop()
     allowed = _cleartext_runtime(tmp_path, "*")

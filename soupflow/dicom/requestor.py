@@ -360,7 +360,10 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
             "the peer closed the TLS connection without a word (a server that requires a "
             "client certificate does so when it gets none, or one it does not trust)"
         )
-    return (exc.reason or type(exc).__name__).replace("_", " ").lower()
+    reason = (exc.reason or type(exc).__name__).replace("_", " ").lower()
+    if "certificate required" in reason:
+        return f"the peer requires a client certificate ({reason})"
+    return reason
 
 
 def _send(connection: socket.socket, data: bytes, deadline: _Deadline) -> None:

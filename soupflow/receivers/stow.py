@@ -28,6 +28,7 @@ import logging
 import re
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ _READ_BYTES = 256 * 1024
 _MAX_HEADER_BYTES = 64 * 1024
 _RETRY_AFTER = "5"
 _STOP_WAIT_SECONDS = 5.0
+_LINGER_SECONDS = 2.0  # after an early answer, how long the rest of a body is read
+_LINGER_BYTES = 64 * 2**20
 _STUDY = re.compile(r"^[0-9.]{1,64}$")
 PROCESSING_FAILURE = 0x0110  # PS3.18 I.2.2: the same delivery and instance, other bytes
 
@@ -664,6 +667,26 @@ def _answer(
     except h11.LocalProtocolError:
         return
     connection.sendall(data)
+    if close:
+        _linger(connection)
+
+
+def _linger(connection: socket.socket) -> None:
+    """Answered before the body was read: end our side, then read (and drop) what the
+    client still sends for a moment, so that closing does not reset the connection before
+    it has read the answer (RFC 9112 9.6)."""
+    try:
+        connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _LINGER_SECONDS
+        received = 0
+        while received < _LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            connection.settimeout(left)
+            chunk = connection.recv(_READ_BYTES)
+            if not chunk:
+                return
+            received += len(chunk)
+    except OSError:
+        return
 
 
 def _close(connection: socket.socket) -> None:
