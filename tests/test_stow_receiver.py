@@ -437,3 +437,21 @@ def test_a_1_gb_part_streams_through_in_bounded_memory(tmp_path: Path) -> None:
         assert peak < 200 * 2**20, f"peak RSS {peak / 2**20:.0f} MB"
     finally:
         assert runtime.terminate() == 0
+
+
+def test_the_dicomweb_client_package_stores_to_soupflow(tmp_path: Path) -> None:
+    from dicomweb_client.api import DICOMwebClient  # noqa: PLC0415 (a dev-only peer)
+
+    runtime = running(tmp_path, stow_receiver())
+    try:
+        client = DICOMwebClient(url=base_url(runtime))
+        datasets = [dcmread(CT), dcmread(MR)]
+        answer = client.store_instances(datasets)
+        assert sorted(
+            str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence
+        ) == sorted([uid(CT), uid(MR)])
+        study_uid = str(datasets[0].StudyInstanceUID)
+        client.store_instances([dcmread(CT)], study_instance_uid=study_uid)  # /studies/{uid}
+        assert len(final_messages(tmp_path / "data", 3)) == 3
+    finally:
+        assert runtime.terminate() == 0
