@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 import h11
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from python_multipart.multipart import MultipartParser
 
 from soupflow import tls
@@ -494,12 +495,12 @@ class StowListener:
         """(SOP class, SOP instance, status) of one part, committed through ingest; a replay
         of a delivery (same id, same instance, same bytes) is answered as stored again."""
         media = part.content_type.split(";", 1)[0].strip().lower()
-        try:
-            meta = dcmread(part.path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-            sop_class = str(meta.file_meta.MediaStorageSOPClassUID)
-            sop_instance = str(meta.file_meta.MediaStorageSOPInstanceUID)
-            syntax = str(meta.file_meta.TransferSyntaxUID)
-            found_study = str(meta.get("StudyInstanceUID", ""))
+        try:  # the file meta only: ingest checks the dataset against it (0xA900)
+            meta = read_file_meta_info(part.path)
+            sop_class = str(meta.MediaStorageSOPClassUID)
+            sop_instance = str(meta.MediaStorageSOPInstanceUID)
+            syntax = str(meta.TransferSyntaxUID)
+            found_study = _study(part.path) if study else ""
         except Exception:  # not a PS3.10 file: pydicom says why, in many ways
             part.path.unlink(missing_ok=True)
             return "", "", status.CANNOT_UNDERSTAND
@@ -548,6 +549,12 @@ class StowListener:
             delivery,
         )
         return sop_class, sop_instance, code
+
+
+def _study(path: Path) -> str:
+    """The dataset's StudyInstanceUID (read only for /studies/{study})."""
+    dataset = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    return str(dataset.get("StudyInstanceUID", ""))
 
 
 def _sha256(path: Path) -> str:
