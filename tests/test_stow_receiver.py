@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from pydicom import dcmread
 
@@ -19,6 +20,7 @@ from bench.data import large_instance
 from bench.ingest import peak_rss
 from soupflow.store.queue import State
 from soupflow.store.sqlite import SqliteQueue
+from soupflow.workflow.load import load_text
 from tests import documents
 from tests.certs import Pki
 from tests.dicom import (
@@ -455,3 +457,19 @@ def test_the_dicomweb_client_package_stores_to_soupflow(tmp_path: Path) -> None:
         assert len(final_messages(tmp_path / "data", 3)) == 3
     finally:
         assert runtime.terminate() == 0
+
+
+def test_a_bare_stow_receiver_file_is_valid_by_the_published_schema_and_the_loader() -> None:
+    schema = json.loads(
+        (Path(__file__).parents[1] / "schemas" / "workflow-file.schema.json").read_text()
+    )
+    bare = stow_receiver(Activities=[], AuthenticationType=3, BearerToken="${env:TOKEN}")
+    jsonschema.validate(bare, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**bare, "ServiceName": 7}, schema)
+    loaded = load_text(json.dumps(bare), Path("bare.json"))
+    assert loaded.valid, [str(issue) for issue in loaded.issues]
+    assert loaded.receiver is not None and loaded.receiver.identity() == (
+        "STOW-RS /dicom-web",
+        "a bearer token",
+    )

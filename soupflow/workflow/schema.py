@@ -14,6 +14,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from soupflow.workflow import model
+from soupflow.workflow.types import polymorphic_schema
 
 SCHEMA_ID = "https://soupflow.dev/schemas/workflow-file.schema.json"
 
@@ -52,10 +53,13 @@ def workflow_schema() -> dict[str, Any]:
         "$id": SCHEMA_ID,
         "title": "soupflow workflow file",
         "description": "An Integration Soup workflow file run by soupflow: a workflow file "
-        "object (Name, WorkflowId, WorkflowPattern) or a bare DicomReceiverSetting.",
+        "object (Name, WorkflowId, WorkflowPattern) or a bare receiver setting "
+        "(DicomReceiverSetting or StowRsReceiverSetting).",
         "type": "object",
         "if": {"required": ["$type"]},
-        "then": {"$ref": "#/$defs/DicomReceiverSetting"},
+        "then": polymorphic_schema(
+            [(cls.TYPE_NAME, cls.__name__) for cls in model.RECEIVER_CLASSES]
+        ),
         "else": {"$ref": "#/$defs/WorkflowFile"},
         "$defs": definitions,
     }
