@@ -78,6 +78,19 @@ def running(
     return RuntimeProcess(workflows, tmp_path / "data")
 
 
+def receiving_only(tmp_path: Path, data: Path) -> RuntimeProcess:
+    """A STOW-RS receiver with no activity, and no workers: ingest alone."""
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    document = {
+        "Name": "Deliveries",
+        "WorkflowId": RECEIVER_ID,
+        "WorkflowPattern": [stow_receiver(Activities=[])],
+    }
+    documents.write(workflows / "stow.json", document)
+    return RuntimeProcess(workflows, data, "--workers", "0")
+
+
 def multipart(*parts: bytes, boundary: str = "soupflow-test-boundary") -> tuple[bytes, str]:
     body = b"".join(
         b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
@@ -369,15 +382,7 @@ def test_stow_over_mutual_tls_with_a_thumbprint_list(tmp_path: Path, pki: Pki) -
 
 def test_a_full_disk_answers_503_and_leaves_nothing_half_stored(tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "data", "6m") as data:
-        workflows = tmp_path / "workflows"
-        workflows.mkdir()
-        document = {
-            "Name": "Deliveries",
-            "WorkflowId": RECEIVER_ID,
-            "WorkflowPattern": [stow_receiver(Activities=[])],
-        }
-        documents.write(workflows / "stow.json", document)
-        runtime = RuntimeProcess(workflows, data, "--workers", "0")
+        runtime = receiving_only(tmp_path, data)
         url = f"http://127.0.0.1:{runtime.ports[RECEIVER_ID]}/dicom-web/studies"
         try:
             big = tmp_path / "big.dcm"
@@ -393,15 +398,7 @@ def test_a_full_disk_answers_503_and_leaves_nothing_half_stored(tmp_path: Path) 
 
 
 def test_a_1_gb_part_streams_through_in_bounded_memory(tmp_path: Path) -> None:
-    workflows = tmp_path / "workflows"
-    workflows.mkdir()
-    document = {
-        "Name": "Deliveries",
-        "WorkflowId": RECEIVER_ID,
-        "WorkflowPattern": [stow_receiver(Activities=[])],
-    }
-    documents.write(workflows / "stow.json", document)
-    runtime = RuntimeProcess(workflows, tmp_path / "data", "--workers", "0")
+    runtime = receiving_only(tmp_path, tmp_path / "data")
     try:
         instance = large_instance(tmp_path / "large.dcm", 1 << 30)
         boundary = "soupflow-large"

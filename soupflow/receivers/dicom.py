@@ -34,11 +34,9 @@ from soupflow.dicom.negotiation import (
     Request,
 )
 from soupflow.ingest import Ingest
-from soupflow.receivers.base import ReceiverError
-from soupflow.receivers.server import Limits, Server, drain
+from soupflow.receivers.server import Limits, Server, drain, server_contexts, tls_restart_key
 from soupflow.store.queue import Origin
 from soupflow.workflow.model import DicomReceiverSetting, parse_allow_list
-from soupflow.workflow.types import ListenerAuthentication
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +97,7 @@ class Listener:
             receiver.association_timeout_seconds,
             receiver.max_associations,
             receiver.max_pdu_size,
-            receiver.use_ssl,
-            receiver.certificate_file,
-            receiver.private_key_file,
-            receiver.private_key_password,
-            receiver.trusted_certificates_file,
-            receiver.authentication_type,
-            receiver.tls_minimum_version,
+            *tls_restart_key(receiver),
         )
 
     def __init__(
@@ -141,13 +133,7 @@ class Listener:
 
     def start(self) -> None:
         receiver = self.receiver
-        secure = None
-        if receiver.use_ssl:
-            require = receiver.authentication_type == ListenerAuthentication.Certificate
-            try:
-                secure = tls.ServerContexts(tls.listener_tls(receiver, require, self.folder))
-            except tls.TlsError as exc:
-                raise ReceiverError(f"cannot start TLS: {exc}") from exc
+        secure = server_contexts(receiver, self.folder)
         limits = Limits(
             float(receiver.association_timeout_seconds),
             _CONNECTIONS_PER_ASSOCIATION * receiver.max_associations,

@@ -20,9 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from soupflow import tls
 from soupflow.receivers.base import ReceiverError
+from soupflow.workflow.model import ReceiverSetting
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +252,30 @@ class Server:
             secured.close()
             return None
         return secured, certificate
+
+
+def tls_restart_key(receiver: ReceiverSetting) -> tuple[object, ...]:
+    """The TLS fields that restart a listener when they change (a new thumbprint list and
+    new certificate files on disk apply to the next connection instead)."""
+    return (
+        receiver.use_ssl,
+        receiver.certificate_file,
+        receiver.private_key_file,
+        receiver.private_key_password,
+        receiver.trusted_certificates_file,
+        receiver.mutual_tls,
+        receiver.tls_minimum_version,
+    )
+
+
+def server_contexts(receiver: ReceiverSetting, folder: Path) -> tls.ServerContexts | None:
+    """The listener's TLS contexts (None for cleartext); ReceiverError when they fail."""
+    if not receiver.use_ssl:
+        return None
+    try:
+        return tls.ServerContexts(tls.listener_tls(receiver, receiver.mutual_tls, folder))
+    except tls.TlsError as exc:
+        raise ReceiverError(f"cannot start TLS: {exc}") from exc
 
 
 def peer(connection: socket.socket) -> str:

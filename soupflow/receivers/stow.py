@@ -43,8 +43,14 @@ from soupflow import tls
 from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject
 from soupflow.ingest import Ingest
-from soupflow.receivers.base import ReceiverError
-from soupflow.receivers.server import Limits, Server, drain, peer
+from soupflow.receivers.server import (
+    Limits,
+    Server,
+    drain,
+    peer,
+    server_contexts,
+    tls_restart_key,
+)
 from soupflow.store.queue import Delivery, Origin, QueueError
 from soupflow.workflow.model import StowRsReceiverSetting
 from soupflow.workflow.types import StowAuthentication
@@ -150,13 +156,8 @@ class StowListener:
             receiver.port,
             receiver.max_concurrent_requests,
             receiver.request_timeout_seconds,
-            receiver.use_ssl,
-            receiver.certificate_file,
-            receiver.private_key_file,
-            receiver.private_key_password,
-            receiver.trusted_certificates_file,
             receiver.authentication_type,
-            receiver.tls_minimum_version,
+            *tls_restart_key(receiver),
         )
 
     def __init__(
@@ -188,13 +189,7 @@ class StowListener:
 
     def start(self) -> None:
         receiver = self.receiver
-        secure = None
-        if receiver.use_ssl:
-            try:
-                settings = tls.listener_tls(receiver, receiver.mutual_tls, self.folder)
-                secure = tls.ServerContexts(settings)
-            except tls.TlsError as exc:
-                raise ReceiverError(f"cannot start TLS: {exc}") from exc
+        secure = server_contexts(receiver, self.folder)
         timeout = float(receiver.request_timeout_seconds)
         # Keep-alive connections idle between requests count too: room for twice as many.
         limits = Limits(timeout, 2 * receiver.max_concurrent_requests)
