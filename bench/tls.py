@@ -8,7 +8,8 @@ receivers: soupflow `AuthenticationType` 2, Orthanc `DicomTlsRemoteCertificateRe
 Certificates are made for the run (bench.certs). soupflow runs `--workers 0` (ingest only,
 each instance fsynced and queued before Success). Medians of the runs; every receiver is a
 fresh process per run. Reported: the rate, soupflow TLS / soupflow cleartext (the goal:
->= 0.8) and soupflow / Orthanc for the same transport.
+>= 0.8) and soupflow / Orthanc for the same transport; dcmtk's storescp (no fsync, with and
+without `+tls`) shows what TLS costs this machine's cores on their own.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bench.ingest import NODELAY, free_port, soupflow_run
 
 _RECEIVER_ID = "e0000000-0000-4000-8000-000000000001"
 _READY_SECONDS = 30.0
-PATHS = ("soupflow", "soupflow TLS", "orthanc", "orthanc TLS")
+PATHS = ("soupflow", "soupflow TLS", "orthanc", "orthanc TLS", "dcmtk", "dcmtk TLS")
 
 
 class Keys:
@@ -94,6 +95,16 @@ def _orthanc(folder: Path, port: int, keys: Keys | None) -> list[str] | None:
     return [program, str(folder / "orthanc.json")]
 
 
+def _storescp(folder: Path, port: int, keys: Keys | None) -> list[str] | None:
+    """dcmtk's storescp (it does not fsync): what this machine's cores allow a receiver."""
+    program = shutil.which("storescp")
+    if program is None:
+        return None
+    (folder / "out").mkdir()
+    secured = ["+tls", *map(str, keys.server.pair), "-pw", "+cf", str(keys.ca.path)] if keys else []
+    return [program, *secured, "-od", str(folder / "out"), str(port)]
+
+
 def _echo(port: int, options: list[str]) -> bool:
     echoscu = shutil.which("echoscu")
     assert echoscu is not None, "dcmtk's echoscu checks that a receiver is up"
@@ -114,7 +125,9 @@ def receiving(path: str, work: Path, keys: Keys) -> Iterator[int | None]:
     options = keys.storescu_options() if secured else []
     with tempfile.TemporaryDirectory(dir=work) as name:
         folder, port = Path(name), free_port()
-        make = _soupflow if path.startswith("soupflow") else _orthanc
+        make = {"soupflow": _soupflow, "orthanc": _orthanc, "dcmtk": _storescp}[
+            path.split(maxsplit=1)[0]
+        ]
         argv = make(folder, port, secured)
         if argv is None:
             yield None
