@@ -8,19 +8,25 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 from pydicom import dcmread
 
 from bench.data import large_instance
 from bench.ingest import peak_rss
+from soupflow.ingest import Ingest
+from soupflow.receivers.stow import StowListener
 from soupflow.store.queue import State
+from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
 from soupflow.workflow.load import load_text
+from soupflow.workflow.model import StowRsReceiverSetting
 from tests import documents
 from tests.certs import Pki
 from tests.dicom import (
@@ -470,3 +476,31 @@ def test_a_bare_stow_receiver_file_is_valid_by_the_published_schema_and_the_load
         "STOW-RS /dicom-web",
         "a bearer token",
     )
+
+
+def test_stopping_closes_idle_keep_alive_connections_at_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    queue = SqliteQueue(data)
+    receiver = StowRsReceiverSetting.model_validate(stow_receiver(Activities=[]))
+    listener = StowListener("w", receiver, "127.0.0.1", Ingest(Spool(data), queue), tmp_path)
+    listener.start()
+    stopped = threading.Event()
+    try:
+        with httpx.Client(timeout=30) as client:  # keeps its connection open after the POST
+            body, boundary = multipart(CT.read_bytes())
+            answer = client.post(
+                f"http://127.0.0.1:{listener.port}/dicom-web/studies",
+                content=body,
+                headers={"Content-Type": related(boundary)},
+            )
+            assert answer.status_code == 200
+            stopper = threading.Thread(
+                target=lambda: (listener.stop(grace_seconds=120), stopped.set())
+            )
+            stopper.start()
+            # Well before the grace period: the idle connection does not hold the stop up.
+            wait_for(stopped.is_set, "the listener to stop", seconds=60)
+            stopper.join()
+    finally:
+        listener.stop()
+        queue.close()

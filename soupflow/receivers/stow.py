@@ -21,6 +21,7 @@ and part counts and statuses: never a body, an `Authorization` header or a datas
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -178,6 +179,7 @@ class StowListener:
         self._busy = threading.BoundedSemaphore(receiver.max_concurrent_requests)
         self._inflight: set[str] = set()  # delivery ids being received now
         self._inflight_lock = threading.Lock()
+        self._idle: set[socket.socket] = set()  # connections waiting for their next request
 
     @property
     def port(self) -> int:
@@ -224,9 +226,11 @@ class StowListener:
         if server is None:
             return
         server.stop_accepting()
-        server.wait_idle(grace_seconds)
         self._stopping.set()  # requests still arriving hear 503
-        server.wait_idle(_STOP_WAIT_SECONDS)
+        self._end_idle()  # keep-alive connections between requests: closed now
+        if not server.wait_idle(grace_seconds):
+            self._end_idle()
+            server.wait_idle(_STOP_WAIT_SECONDS)
         self._server = None
         log.info("workflow %s stopped listening", self.workflow_id)
 
@@ -238,7 +242,7 @@ class StowListener:
         connection.settimeout(float(self.receiver.request_timeout_seconds))
         while True:
             try:
-                event = _next_event(http, connection)
+                event = self._next_request(http, connection)
                 if not isinstance(event, h11.Request):
                     return  # closed, or the peer went away between requests
                 keep = self._request(http, connection, event, where, certificate)
@@ -253,6 +257,26 @@ class StowListener:
                 http.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+
+    def _next_request(self, http: h11.Connection, connection: socket.socket) -> object:
+        """The next request's head; while waiting, `stop` may end the connection."""
+        with self._inflight_lock:
+            if self._stopping.is_set():
+                return None
+            self._idle.add(connection)
+        try:
+            return _next_event(http, connection)
+        finally:
+            with self._inflight_lock:
+                self._idle.discard(connection)
+
+    def _end_idle(self) -> None:
+        """Wake the threads of idle connections (their read ends) so that they close."""
+        with self._inflight_lock:
+            idle = list(self._idle)
+        for connection in idle:
+            with contextlib.suppress(OSError):  # the plain socket's call, TLS or not
+                socket.socket.shutdown(connection, socket.SHUT_RD)
 
     def _request(
         self,
