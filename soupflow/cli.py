@@ -24,7 +24,8 @@ from rich.table import Table
 
 from soupflow import admin, durable, schemas, tls
 from soupflow.dicom.requestor import Destination, echo
-from soupflow.network import Allowlist, CleartextPorts, Egress
+from soupflow.network import Allowlist, CleartextPorts, Egress, is_loopback
+from soupflow.runtime.admin_http import DEFAULT_ADMIN, parse_address
 from soupflow.runtime.listeners_file import read_network
 from soupflow.runtime.processes import WorkerRuntime, new_boot
 from soupflow.runtime.supervisor import Runtime, node_name
@@ -146,6 +147,11 @@ def _run(args: argparse.Namespace) -> int:
     egress = _egress(args)
     try:
         cleartext = CleartextPorts.parse(args.allow_cleartext)
+        admin = parse_address(args.admin)
+        if admin is not None and not is_loopback(admin[0]) and not args.admin_token:
+            raise ValueError(
+                f"--admin on {admin[0]} (not loopback) needs --admin-token or SOUPFLOW_ADMIN_TOKEN"
+            )
     except ValueError as exc:
         raise SystemExit(f"soupflow: {exc}") from None
     stopping = _event_lines()
@@ -158,6 +164,8 @@ def _run(args: argparse.Namespace) -> int:
         args.processes,
         allow_cleartext=cleartext,
         egress=egress,
+        admin=admin,
+        admin_token=args.admin_token,
     )
     try:
         runtime.start()
@@ -606,6 +614,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: none; a cleartext listener there is refused; env SOUPFLOW_ALLOW_CLEARTEXT)",
     )
     _egress_options(runner)
+    runner.add_argument(
+        "--admin",
+        default=os.environ.get("SOUPFLOW_ADMIN", DEFAULT_ADMIN),
+        metavar="ADDR:PORT|off",
+        help=f"the admin endpoint: /metrics, /healthz, /readyz (default {DEFAULT_ADMIN}; port "
+        "0 picks one; its URL goes to <data>/admin.json; env SOUPFLOW_ADMIN)",
+    )
+    runner.add_argument(
+        "--admin-token",
+        default=os.environ.get("SOUPFLOW_ADMIN_TOKEN", ""),
+        help="a bearer token the admin endpoint requires (needed off loopback; env "
+        "SOUPFLOW_ADMIN_TOKEN)",
+    )
     runner.set_defaults(run=_run)
 
     worker = commands.add_parser(

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from soupflow import metrics
 from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject
 from soupflow.dicom.part10 import MalformedObjectError, identify
@@ -61,8 +62,9 @@ class Ingest:
     ) -> int:
         """The status to answer; the received file is moved into the spool or removed.
         Never raises: any surprise is 0xA700 (the sender may try again)."""
+        started = time.monotonic()
         try:
-            return self._store(workflow_id, origin, received, dedupe_seconds, delivery)
+            code = self._store(workflow_id, origin, received, dedupe_seconds, delivery)
         except Exception as exc:
             log.error(
                 "C-STORE for workflow %s failed: %s; answered %s",
@@ -70,9 +72,13 @@ class Ingest:
                 type(exc).__name__,
                 status.describe(status.OUT_OF_RESOURCES),
             )
-            return status.OUT_OF_RESOURCES
+            code = status.OUT_OF_RESOURCES
         finally:
             received.path.unlink(missing_ok=True)
+        metrics.COMMIT.observe(time.monotonic() - started)
+        if code != status.SUCCESS:
+            metrics.REFUSED.labels(workflow_id, f"0x{code:04X}").inc()
+        return code
 
     def _store(
         self,
@@ -138,6 +144,8 @@ class Ingest:
             )
             return status.SUCCESS
         self.on_queued()
+        metrics.RECEIVED.labels(workflow_id).inc()
+        metrics.BYTES.labels(workflow_id).inc(byte_count)
         log.info(
             "stored SOPInstanceUID %s as RequestId %s (%d bytes)",
             sop_instance_uid,

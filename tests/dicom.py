@@ -207,7 +207,8 @@ class RuntimeProcess:
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "COLUMNS": "200"},
+                # a free admin port: runtimes of other tests (or `make run`) may hold the default
+                env={"SOUPFLOW_ADMIN": "127.0.0.1:0", **os.environ, "COLUMNS": "200"},
             )
         self.ports: dict[str, int] = {}
         RuntimeProcess.started.append(self)

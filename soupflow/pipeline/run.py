@@ -12,16 +12,19 @@ later activities use are the same on every attempt.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
+from soupflow import metrics
 from soupflow.activities import RUNNERS
-from soupflow.activities.base import Activity
+from soupflow.activities.base import Activity, Outcome
 from soupflow.activities.connections import Connections
 from soupflow.pipeline.context import RunContext
-from soupflow.pipeline.errors import ActivityError, PermanentError
+from soupflow.pipeline.errors import ActivityError, PermanentError, TransientError
 from soupflow.pipeline.transformers import filter_passes, run_actions
 from soupflow.workflow import model
 from soupflow.workflow.types import normalize_reference
@@ -118,10 +121,26 @@ def _activity(
     if runner is None:
         raise PermanentError(f"{type(sender).__name__} activities are not run by this version yet")
     progress.before_activity()
-    outcome = runner(sender, Activity(context, activity_id, http, connections))
+    outcome = _attempt(runner, sender, Activity(context, activity_id, http, connections))
     if outcome.response is not None:
         context.inbound[activity_id] = outcome.response
     progress.succeeded(activity_id, outcome.detail)
+
+
+def _attempt(runner: Any, sender: model.SenderSetting, activity: Activity) -> Outcome:
+    """Run the activity once, counted and timed by outcome (`soupflow_activity_*`)."""
+    workflow, started = activity.context.arrival.workflow_id, time.monotonic()
+    outcome = "permanent"
+    try:
+        done: Outcome = runner(sender, activity)
+        outcome = "success"
+        return done
+    except TransientError:
+        outcome = "transient"
+        raise
+    finally:
+        metrics.ATTEMPTS.labels(workflow, activity.activity_id, outcome).inc()
+        metrics.DURATION.labels(workflow, activity.activity_id).observe(time.monotonic() - started)
 
 
 def _host_passes(context: RunContext, reference: str | None, activity_id: str | None) -> bool:

@@ -28,6 +28,10 @@ class Receiver(Protocol):
         """The fields that restart the listener when they change."""
 
     @property
+    def active_connections(self) -> int:
+        """Connections served now (for `soupflow_associations_active`)."""
+
+    @property
     def port(self) -> int:
         """The bound port (the one the OS chose when the setting's port is 0)."""
 

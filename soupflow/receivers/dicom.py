@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from soupflow import tls
+from soupflow import metrics, tls
 from soupflow.dicom import negotiation, status
 from soupflow.dicom.acceptor import Association, ReceivedObject, Session
 from soupflow.dicom.negotiation import (
@@ -127,9 +127,11 @@ class Listener:
         return self._server.port if self._server is not None else self.receiver.port
 
     @property
-    def active_associations(self) -> int:
+    def active_connections(self) -> int:
         """Connections being served (established or negotiating)."""
         return self._server.active if self._server is not None else 0
+
+    active_associations = active_connections
 
     def start(self) -> None:
         receiver = self.receiver
@@ -226,6 +228,7 @@ class Listener:
                 request.called_aet,
                 reason,
             )
+            metrics.ASSOCIATIONS.labels(self.workflow_id, "rejected").inc()
             return rejection
         with self._lock:
             if len(self._admitted) >= self.receiver.max_associations:
@@ -236,9 +239,11 @@ class Listener:
                     request.calling_aet,
                     limit,
                 )
+                metrics.ASSOCIATIONS.labels(self.workflow_id, "rejected").inc()
                 return LOCAL_LIMIT_EXCEEDED
             self._admitted.add(session)
         log.info("accepted association from %s:%s calling %r", *where, request.calling_aet)
+        metrics.ASSOCIATIONS.labels(self.workflow_id, "accepted").inc()
         return None
 
     def on_c_store(self, session: Session, received: ReceivedObject) -> int:

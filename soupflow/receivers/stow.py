@@ -44,6 +44,7 @@ from soupflow import tls
 from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject
 from soupflow.ingest import Ingest
+from soupflow.receivers.http11 import next_event as _next_event
 from soupflow.receivers.server import (
     Limits,
     Server,
@@ -582,15 +583,6 @@ def _sha256(path: Path) -> str:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _next_event(http: h11.Connection, connection: socket.socket) -> Any:
-    while True:
-        event = http.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        data = connection.recv(_READ_BYTES)
-        http.receive_data(data)  # b"": the peer closed
 
 
 def _drain_body(http: h11.Connection, connection: socket.socket) -> bool:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from soupflow import metrics
 from soupflow.activities.dicom_sender import destination
 from soupflow.dicom.requestor import Destination
 from soupflow.ingest import Ingest
@@ -28,6 +29,7 @@ from soupflow.network import CleartextPorts, Egress, is_loopback
 from soupflow.receivers import RECEIVERS
 from soupflow.receivers.base import Receiver, ReceiverError
 from soupflow.runtime import listeners_file, reconcile
+from soupflow.runtime.admin_http import AdminServer
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
 from soupflow.runtime.processes import WorkerProcesses, digest, new_boot
 from soupflow.runtime.workers import Workers, taken_back
@@ -65,12 +67,21 @@ class Runtime:
         processes: int = 0,
         allow_cleartext: CleartextPorts | None = None,
         egress: Egress | None = None,
+        admin: tuple[str, int] | None = None,
+        admin_token: str = "",
     ) -> None:
         """`allow_cleartext`: ports whose listener may be cleartext on a non-loopback `host`
         (`--allow-cleartext`); `egress`: where activities may connect (fail closed)."""
         self.workflows_folder = workflows
         self.allow_cleartext = allow_cleartext or CleartextPorts()
         self.egress = egress or Egress()
+        self.admin_address = admin  # None: no admin endpoint
+        self.admin_token = admin_token
+        self.admin: AdminServer | None = None
+        self._collectors = (
+            metrics.QueueCollector(lambda: self.queue),
+            metrics.RuntimeCollector(self._served),
+        )
         self.data = data
         self.host = host
         self.worker_count = workers
@@ -126,11 +137,51 @@ class Runtime:
             egress=self.egress,
         )
         self.workers.start()
+        self._start_admin()
         if self.processes and self.worker_count > 0:
             self.children = WorkerProcesses(
                 self.processes, self._work_command, self.queue, self.node
             )
             self.children.start()
+
+    def _start_admin(self) -> None:
+        for collector in self._collectors:
+            metrics.REGISTRY.register(collector)
+        if self.admin_address is None:
+            return
+        host, port = self.admin_address
+        admin = AdminServer(host, port, self.admin_token, self.readiness, self.data)
+        try:
+            admin.start()
+        except ReceiverError as exc:  # the router still receives and delivers without it
+            log.error("no admin endpoint: %s", exc)
+            return
+        self.admin = admin
+
+    def readiness(self) -> list[str]:
+        """What keeps this runtime from being ready (empty: ready), for `/readyz`."""
+        problems = [
+            f"workflow {row.workflow} ({row.file}): {row.state}"
+            + (f": {row.detail}" if row.detail else "")
+            for row in self.rows
+            if row.state not in (ListenerState.LISTENING, ListenerState.DISABLED)
+        ]
+        queue = self.queue
+        blocked = queue.writable() if queue is not None else "the queue is closed"
+        if blocked:
+            problems.append(f"the queue cannot be written: {blocked}")
+        return problems
+
+    def _served(self) -> list[tuple[str, str, int]]:
+        """(WorkflowId, name, connections served) of each running workflow."""
+        return [
+            (
+                workflow_id,
+                entry.loaded.name,
+                entry.listener.active_connections if entry.listener is not None else 0,
+            )
+            for workflow_id, entry in list(self.running.items())
+        ]
 
     def _work_command(self, boot: str) -> list[str]:
         command = [
@@ -321,6 +372,12 @@ class Runtime:
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting, let in-flight stores finish, let workers finish their messages."""
+        if self.admin is not None:
+            self.admin.stop()
+            self.admin = None
+        for collector in self._collectors:
+            with contextlib.suppress(KeyError):  # never registered (a failed start)
+                metrics.REGISTRY.unregister(collector)
         with self._lock:
             for entry in self.running.values():
                 if entry.listener is not None:

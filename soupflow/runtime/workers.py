@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from soupflow import metrics
 from soupflow.activities.connections import Connections
 from soupflow.activities.egress import checked_client
 from soupflow.message.convert import Options, convert
@@ -290,6 +291,7 @@ class Workers:
             outcomes = (ActivityOutcome(activity_id, True, detail, now),)
         if result.state != Ending.FAILED:
             self.queue.finish(request_id, owner, State(result.state), now, outcomes=outcomes)
+            _finished(message, str(result.state), now)
             if not self.keep_objects:
                 self.spool.remove(request_id)
             log.info(
@@ -339,15 +341,17 @@ class Workers:
     ) -> None:
         """Dead: the reason goes to the log and the record; `detail` (may hold PHI) to the record only."""
         recorded = f"{reason}\n{detail}" if detail else reason
+        now = self.clock()
         self.queue.finish(
             message.request_id,
             owner,
             State.DEAD,
-            self.clock(),
+            now,
             reason=recorded,
             failed_activity=activity,
             outcomes=outcomes,
         )
+        _finished(message, State.DEAD.value, now)
         log.error(
             "message %s (SOPInstanceUID %s) is dead at %s: %s",
             message.request_id,
@@ -355,6 +359,12 @@ class Workers:
             _name(workflow.setting(activity)),
             reason,
         )
+
+
+def _finished(message: Message, state: str, now: float) -> None:
+    workflow = message.arrival.workflow_id
+    metrics.FINISHED.labels(workflow, state).inc()
+    metrics.LATENCY.labels(workflow).observe(max(now - message.arrival.received_at, 0.0))
 
 
 def taken_back(messages: list[Message], whose: str) -> None:

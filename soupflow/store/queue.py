@@ -140,6 +140,9 @@ class Queue(Protocol):
     def delivered(self, workflow_id: str, delivery_id: str, sop_instance_uid: str) -> str | None:
         """The SHA-256 recorded for a delivery key, or None when it was never enqueued."""
 
+    def writable(self) -> str | None:
+        """None when a write transaction can be opened now; else why not (for `/readyz`)."""
+
     def lease(self, owner: str, now: float, lease_seconds: float) -> Message | None:
         """Take the oldest ready message (queued, `next_attempt_at` <= now) for `owner`, in
         one statement (no other owner can take it between the look and the take)."""

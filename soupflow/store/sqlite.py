@@ -252,6 +252,14 @@ class SqliteQueue:
             raise LeaseLostError(f"message {request_id} is not leased by {owner}")
 
     # ---------------------------------------------------------------------------- queue
+    def writable(self) -> str | None:
+        try:
+            with self._write(durable=False):
+                pass
+        except QueueError as exc:
+            return str(exc)
+        return None
+
     def delivered(self, workflow_id: str, delivery_id: str, sop_instance_uid: str) -> str | None:
         rows = self._read(
             "SELECT sha256 FROM deliveries WHERE workflow_id = ? AND delivery_id = ? "

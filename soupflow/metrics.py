@@ -1,0 +1,142 @@
+"""What a monitoring system scrapes: Prometheus metrics through `prometheus_client`.
+
+Upstream: ingest (stores, refusals, bytes, the price of an ACK), receivers (associations),
+runtime.workers (finished messages, their latency), pipeline.run (activity attempts and
+durations), runtime.admin_http (`/metrics`). Labels are bounded: `workflow` is the
+WorkflowId, `activity` the setting's Id, `status` a DIMSE status in hex, `state` and `result`
+small fixed sets. Never a UID, a patient value or an address. The queue's gauges are read
+from the queue at each scrape (`QueueCollector`), so they are true across processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from soupflow.store.queue import Queue, State
+
+REGISTRY = CollectorRegistry()
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_LATENCY = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+BUILD = Info("soupflow_build", "The running soupflow.", registry=REGISTRY)
+BUILD.info({"version": version("soupflow")})
+ASSOCIATIONS = Counter(
+    "soupflow_associations_total",
+    "Associations asked for, by result (accepted, rejected).",
+    ["workflow", "result"],
+    registry=REGISTRY,
+)
+RECEIVED = Counter(
+    "soupflow_instances_received",
+    "Instances answered Success and durably committed.",
+    ["workflow"],
+    registry=REGISTRY,
+)
+REFUSED = Counter(
+    "soupflow_instances_refused",
+    "Instances answered with a failure status (hex).",
+    ["workflow", "status"],
+    registry=REGISTRY,
+)
+BYTES = Counter(
+    "soupflow_received_bytes", "Bytes of the instances committed.", ["workflow"], registry=REGISTRY
+)
+COMMIT = Histogram(
+    "soupflow_store_commit_seconds",
+    "From the object's last byte to its durable commit: the price of an acknowledgement.",
+    buckets=_SECONDS,
+    registry=REGISTRY,
+)
+FINISHED = Counter(
+    "soupflow_messages_finished",
+    "Messages that reached a final state (completed, filtered, dead).",
+    ["workflow", "state"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "soupflow_message_latency_seconds",
+    "From receipt to the message's final state.",
+    ["workflow"],
+    buckets=_LATENCY,
+    registry=REGISTRY,
+)
+ATTEMPTS = Counter(
+    "soupflow_activity_attempts",
+    "Activity attempts by outcome (success, transient, permanent).",
+    ["workflow", "activity", "outcome"],
+    registry=REGISTRY,
+)
+DURATION = Histogram(
+    "soupflow_activity_duration_seconds",
+    "How long one attempt of an activity took.",
+    ["workflow", "activity"],
+    buckets=_SECONDS,
+    registry=REGISTRY,
+)
+
+
+class QueueCollector(Collector):
+    """The queue's state at scrape time: messages by state, the oldest pending age, dead."""
+
+    def __init__(self, queue: Callable[[], Queue | None], clock: Callable[[], float] = time.time):
+        self._queue = queue
+        self._clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        messages = GaugeMetricFamily(
+            "soupflow_queue_messages",
+            "Messages in the queue by state.",
+            labels=["workflow", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "soupflow_queue_oldest_pending_age_seconds",
+            "Age of the oldest queued or processing message.",
+            labels=["workflow"],
+        )
+        dead = GaugeMetricFamily(
+            "soupflow_queue_dead_messages", "Dead messages.", labels=["workflow"]
+        )
+        queue = self._queue()
+        if queue is not None:
+            now = self._clock()
+            for entry in queue.counts():
+                for state in State:
+                    messages.add_metric(
+                        [entry.workflow_id, state.value], entry.by_state.get(state, 0)
+                    )
+                pending = entry.oldest_pending_received_at
+                oldest.add_metric([entry.workflow_id], max(now - pending, 0.0) if pending else 0.0)
+                dead.add_metric([entry.workflow_id], entry.by_state.get(State.DEAD, 0))
+        yield messages
+        yield oldest
+        yield dead
+
+
+class RuntimeCollector(Collector):
+    """The workflows a runtime runs, by (WorkflowId, name, connections served now)."""
+
+    def __init__(self, workflows: Callable[[], list[tuple[str, str, int]]]) -> None:
+        self._workflows = workflows
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily(
+            "soupflow_workflow_info",
+            "A workflow the runtime runs (1).",
+            labels=["workflow", "name"],
+        )
+        active = GaugeMetricFamily(
+            "soupflow_associations_active",
+            "Connections its listener serves now (associations, or STOW-RS connections).",
+            labels=["workflow"],
+        )
+        for workflow_id, name, connections in self._workflows():
+            info.add_metric([workflow_id, name], 1)
+            active.add_metric([workflow_id], connections)
+        yield info
+        yield active

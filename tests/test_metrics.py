@@ -1,0 +1,132 @@
+"""The admin endpoint of `soupflow run`: Prometheus metrics after real stores (dcmtk's
+storescu), a rejected association, a retry and a dead message; `/healthz`; `/readyz` going
+503 when a listener cannot bind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from soupflow.store.sqlite import SqliteQueue
+from tests import documents
+from tests.dicom import RuntimeProcess, associate, sample_file, storescu_send, wait_for
+from tests.documents import RECEIVER_ID
+from tests.http_peer import HttpPeer
+
+CT, MR = sample_file("CT_small.dcm"), sample_file("MR_small.dcm")
+HTTP_ID = "99999999-0000-4000-8000-0000000000a1"
+
+
+def admin_url(data: Path) -> str:
+    wait_for((data / "admin.json").is_file, "admin.json")
+    return str(json.loads((data / "admin.json").read_text())["url"])
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(found: dict[Any, float], metric: str, **labels: str) -> float:
+    return found.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_stores_rejections_retries_and_dead_messages(tmp_path: Path) -> None:
+    peer = HttpPeer(statuses=[503, 200, 400])  # first: a retry then success; second: dead
+    sender = documents.http_sender(
+        HTTP_ID, Server=peer.url, RetryInitialSeconds=0, RetryMaxSeconds=1
+    )
+    workflows, data = tmp_path / "workflows", tmp_path / "data"
+    workflows.mkdir()
+    documents.write(
+        workflows / "intake.json",
+        documents.workflow(sender, Port=0, AcceptedCallingAETs="STORESCU"),
+    )
+    runtime = RuntimeProcess(workflows, data, "--workers", "1")
+    try:
+        storescu_send(runtime.port, CT)
+        wait_for(lambda: len(peer.requests) == 2, "the retry and the success")
+        storescu_send(runtime.port, MR)
+        refused = associate(runtime.port, "INTRUDER")
+        assert not refused.is_established
+        queue = SqliteQueue(data)
+        try:
+            wait_for(
+                lambda: sorted(m.state.value for m in queue.messages()) == ["completed", "dead"],
+                "one completed, one dead",
+            )
+            byte_count = sum(m.arrival.byte_count for m in queue.messages())
+        finally:
+            queue.close()
+        url = admin_url(data)
+        assert get(url + "healthz")[0] == 200
+        code, text = get(url + "metrics")
+        assert code == 200
+        found = samples(text)
+        workflow = {"workflow": RECEIVER_ID}
+        assert value(found, "soupflow_associations_total", result="accepted", **workflow) == 2
+        assert value(found, "soupflow_associations_total", result="rejected", **workflow) == 1
+        assert value(found, "soupflow_instances_received_total", **workflow) == 2
+        assert value(found, "soupflow_received_bytes_total", **workflow) == byte_count
+        assert value(found, "soupflow_messages_finished_total", state="completed", **workflow) == 1
+        assert value(found, "soupflow_messages_finished_total", state="dead", **workflow) == 1
+        attempts = {"activity": HTTP_ID, **workflow}
+        assert (
+            value(found, "soupflow_activity_attempts_total", outcome="transient", **attempts) == 1
+        )
+        assert value(found, "soupflow_activity_attempts_total", outcome="success", **attempts) == 1
+        assert (
+            value(found, "soupflow_activity_attempts_total", outcome="permanent", **attempts) == 1
+        )
+        assert value(found, "soupflow_activity_duration_seconds_count", **attempts) == 3
+        assert value(found, "soupflow_store_commit_seconds_count") == 2
+        assert value(found, "soupflow_message_latency_seconds_count", **workflow) == 2
+        assert value(found, "soupflow_queue_dead_messages", **workflow) == 1
+        assert value(found, "soupflow_queue_messages", state="completed", **workflow) == 1
+        assert value(found, "soupflow_workflow_info", name="Intake", **workflow) == 1
+        assert any(name == "soupflow_build_info" for name, _ in found)
+        assert "CompressedSamples" not in text and "1.3.6.1.4.1" not in text  # no PHI, no UID
+    finally:
+        peer.close()
+        assert runtime.terminate() == 0
+    assert not (data / "admin.json").exists()
+
+
+def test_readyz_is_503_naming_a_listener_that_cannot_bind(tmp_path: Path) -> None:
+    workflows, data = tmp_path / "workflows", tmp_path / "data"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        runtime = RuntimeProcess(workflows, data)
+        try:
+            url = admin_url(data)
+            assert get(url + "readyz")[0] == 200
+            busy = documents.workflow(Port=taken.getsockname()[1])
+            busy["WorkflowId"] = busy["WorkflowPattern"][0]["Id"] = (
+                "22222222-2222-4222-8222-222222222222"
+            )
+            documents.write(workflows / "busy.json", busy)
+            runtime.refresh(lambda rows: len(rows) == 2)
+            code, body = get(url + "readyz")
+            assert code == 503
+            [problem] = json.loads(body)["problems"]
+            assert "busy.json" in problem and "failed" in problem and "already in use" in problem
+        finally:
+            assert runtime.terminate() == 0
