@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -50,9 +52,27 @@ def _say(console: Console, text: str, style: str | None = None) -> None:
 
 # ------------------------------------------------------------------------------------ run
 class _EventLines(logging.Handler):
-    """One printed line per runtime event (the core logs only ids, never PHI)."""
+    """One printed line per runtime event (the core logs only ids, never PHI); with `json`,
+    one JSON object per line, for log shippers."""
+
+    def __init__(self, json_lines: bool = False) -> None:
+        super().__init__()
+        self.json_lines = json_lines
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.json_lines:
+            event = {
+                "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                    timespec="milliseconds"
+                ),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "event": record.getMessage(),
+                **getattr(record, "fields", {}),
+            }
+            _out.file.write(json.dumps(event, ensure_ascii=True) + "\n")
+            _out.file.flush()
+            return
         style = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{stamp} {printable(self.format(record))}"
@@ -72,11 +92,15 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
-def _event_lines() -> threading.Event:
-    """Log one line per event; SIGINT and SIGTERM set the returned event."""
+def _event_lines(json_lines: bool = False, quiet_stores: bool = False) -> threading.Event:
+    """Log one line per event; SIGINT and SIGTERM set the returned event. `quiet_stores`
+    leaves out the lines of each stored instance and each finished message (at hundreds of
+    instances a second they are most of the log); warnings and errors stay."""
     logging.basicConfig(
-        level=logging.INFO, handlers=[_EventLines()], format="%(message)s", force=True
+        level=logging.INFO, handlers=[_EventLines(json_lines)], format="%(message)s", force=True
     )
+    for per_instance in ("soupflow.ingest", "soupflow.runtime.workers"):
+        logging.getLogger(per_instance).setLevel(logging.WARNING if quiet_stores else logging.INFO)
     # Libraries log what they handle (request URLs can carry expanded variables, that is PHI):
     # only their warnings and errors reach the event lines.
     for library in ("pynetdicom", "httpx", "httpcore", "pydicom", "watchfiles"):
@@ -154,7 +178,8 @@ def _run(args: argparse.Namespace) -> int:
             )
     except ValueError as exc:
         raise SystemExit(f"soupflow: {exc}") from None
-    stopping = _event_lines()
+    json_lines = args.log_format == "json"
+    stopping = _event_lines(json_lines, args.quiet_stores)
     runtime = Runtime(
         args.workflows,
         args.data,
@@ -172,19 +197,7 @@ def _run(args: argparse.Namespace) -> int:
     except QueueError as exc:
         _say(_err, f"cannot start: {exc}", "red")
         return EXIT_PROBLEMS
-    table = Table(title=f"soupflow listeners on {args.host} (data in {args.data})")
-    for column in ("workflow", "port", "AE title", "who may call", "state"):
-        table.add_column(column)
-    for row in runtime.rows:
-        state = row.state if not row.detail else f"{row.state}: {row.detail}"
-        table.add_row(row.workflow, str(row.port or ""), row.our_aet, row.who_may_call, state)
-    _out.print(table)
-    if not runtime.rows:
-        _say(
-            _out,
-            f"no workflow files in {args.workflows}: nothing listens yet (watching for files)",
-            "yellow",
-        )
+    _listener_table(runtime, args, json_lines)
     watcher = threading.Thread(
         target=watch,
         args=(args.workflows, runtime.reload, stopping),
@@ -193,9 +206,31 @@ def _run(args: argparse.Namespace) -> int:
     )
     watcher.start()
     stopping.wait()
-    _say(_out, "stopping: no new associations; finishing the stores in progress")
+    log = logging.getLogger("soupflow")
+    log.info("stopping: no new associations; finishing the stores in progress")
     runtime.stop()
     return EXIT_OK
+
+
+def _listener_table(runtime: Runtime, args: argparse.Namespace, json_lines: bool) -> None:
+    """What listens, as a table (or, with JSON lines, one `listener` event per workflow)."""
+    log = logging.getLogger("soupflow")
+    if json_lines:
+        for row in runtime.rows:
+            fields = {"listener": asdict(row)}
+            log.info("listener %s: %s", row.workflow_id, row.state, extra={"fields": fields})
+    else:
+        table = Table(title=f"soupflow listeners on {args.host} (data in {args.data})")
+        for column in ("workflow", "port", "AE title", "who may call", "state"):
+            table.add_column(column)
+        for row in runtime.rows:
+            state = row.state if not row.detail else f"{row.state}: {row.detail}"
+            table.add_row(row.workflow, str(row.port or ""), row.our_aet, row.who_may_call, state)
+        _out.print(table)
+    if not runtime.rows:
+        log.warning(
+            "no workflow files in %s: nothing listens yet (watching for files)", args.workflows
+        )
 
 
 # ---------------------------------------------------------------------------- operations
@@ -614,6 +649,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: none; a cleartext listener there is refused; env SOUPFLOW_ALLOW_CLEARTEXT)",
     )
     _egress_options(runner)
+    runner.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("SOUPFLOW_LOG_FORMAT", "text"),
+        help="text (one line per event, default) or json (one JSON object per line: time, "
+        "level, logger, event; the listener table as events; env SOUPFLOW_LOG_FORMAT)",
+    )
+    runner.add_argument(
+        "--quiet-stores",
+        action="store_true",
+        default=os.environ.get("SOUPFLOW_QUIET_STORES") == "1",
+        help="leave out the line of each stored instance and finished message",
+    )
     runner.add_argument(
         "--admin",
         default=os.environ.get("SOUPFLOW_ADMIN", DEFAULT_ADMIN),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -78,3 +79,30 @@ def test_control_characters_from_the_network_never_reach_the_terminal_raw(
 def test_printable_escapes_control_characters() -> None:
     assert printable("a\x1b[2Jb\nc\x9bd") == "a\\x1b[2Jb\\x0ac\\x9bd"
     assert printable("Müller ^ 王") == "Müller ^ 王"
+
+
+def test_json_logs_are_one_object_per_line_without_phi(tmp_path: Path) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))
+    runtime = RuntimeProcess(workflows, tmp_path / "data", "--log-format", "json")
+    assert send_files(runtime.port, [sample_file("CT_small.dcm")]) == [0]
+    assert runtime.terminate() == 0
+    lines = runtime.log.read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line parses
+    assert {"time", "level", "logger", "event"} <= set(events[0])
+    [listener] = [e for e in events if "listener" in e]
+    assert listener["listener"]["state"] == "listening"
+    assert any(e["event"].startswith("stored SOPInstanceUID") for e in events)
+    assert "CompressedSamples" not in runtime.log.read_text()
+
+
+def test_quiet_stores_leaves_out_the_per_instance_lines(tmp_path: Path) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))
+    runtime = RuntimeProcess(workflows, tmp_path / "data", "--quiet-stores")
+    assert send_files(runtime.port, [sample_file("CT_small.dcm")]) == [0]
+    assert runtime.terminate() == 0
+    log = runtime.log_text()
+    assert "accepted association" in log and "stored SOPInstanceUID" not in log
