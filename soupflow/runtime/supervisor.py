@@ -150,7 +150,9 @@ class Runtime:
         if self.admin_address is None:
             return
         host, port = self.admin_address
-        admin = AdminServer(host, port, self.admin_token, self.readiness, self.data)
+        admin = AdminServer(
+            host, port, self.admin_token, self.readiness, self.data, self.workflows_folder
+        )
         try:
             admin.start()
         except ReceiverError as exc:  # the router still receives and delivers without it
