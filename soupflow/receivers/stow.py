@@ -129,14 +129,19 @@ class _Body:
         part.bytes += end - start
 
     def _part_end(self) -> None:
-        self.parts[-1].file.close()
+        try:
+            self.parts[-1].file.close()  # the buffered tail is written here
+        except OSError as exc:
+            self.failure = self.failure or exc
+            raise
 
     def _end(self) -> None:
         self.ended = True
 
     def discard(self) -> None:
         for part in self.parts:
-            part.file.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush again
+                part.file.close()
             part.path.unlink(missing_ok=True)
 
 

@@ -84,10 +84,13 @@ class AdminServer:
 
     def start(self) -> None:
         self._server.start()
-        durable.replace(
-            self.data / ADMIN_FILE, json.dumps({"url": self.url}).encode("utf-8"), sync=False
-        )
-        log.info("admin endpoint at %s (metrics, healthz, readyz)", self.url)
+        try:
+            durable.replace(
+                self.data / ADMIN_FILE, json.dumps({"url": self.url}).encode("utf-8"), sync=False
+            )
+        except OSError as exc:  # a full disk: the endpoint serves, only the file is missing
+            log.error("cannot write %s: %s", self.data / ADMIN_FILE, exc.strerror or exc)
+        log.info("admin endpoint at %s (dashboard, metrics, healthz, readyz)", self.url)
 
     def stop(self) -> None:
         self._server.stop_accepting()

@@ -117,15 +117,16 @@ class Runtime:
         taken_back(recovered, f"left processing by the last run on {self.node}")
         self._ingest = Ingest(spool, self.queue, on_queued=self._wake_workers)
         self.reload()
-        listeners_file.write_network(
-            self.data,
-            {
-                "host": self.host,
-                "allow_cleartext": str(self.allow_cleartext),
-                "allowed_tcp": str(self.egress.tcp),
-                "allowed_http": str(self.egress.http),
-            },
-        )
+        network = {
+            "host": self.host,
+            "allow_cleartext": str(self.allow_cleartext),
+            "allowed_tcp": str(self.egress.tcp),
+            "allowed_http": str(self.egress.http),
+        }
+        try:
+            listeners_file.write_network(self.data, network)
+        except OSError as exc:  # a full disk: `status` will not show the lists, nothing else
+            log.error("cannot write the network policy for status: %s", exc.strerror or exc)
         self.workers = Workers(
             self.queue,
             spool,
@@ -240,7 +241,10 @@ class Runtime:
             plan = reconcile.plan(running, scanned, unchanged)
             self._apply(plan, unchanged)
             self._digests = digests
-            listeners_file.write(self.data, self.rows)
+            try:
+                listeners_file.write(self.data, self.rows)
+            except OSError as exc:  # a full disk: what runs runs; `status` shows it later
+                log.error("cannot write the listener table: %s", exc.strerror or exc)
             if (
                 self.workers is not None
             ):  # a changed or removed destination lets its associations go
