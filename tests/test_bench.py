@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import forward, ingest, message, soak, stow, tls
+from bench import forward, ingest, message, metrics, soak, stow, tls
 
 
 def test_message_benchmark_smoke() -> None:
@@ -60,3 +60,8 @@ def test_stow_benchmark_smoke() -> None:
     rows = [line for line in lines if line.startswith("| ") and "inst/s" in line]
     assert [row.split(" | ")[1] for row in rows] == list(stow.RECEIVERS)
     assert lines[-1].startswith("One instance of 20 MB to soupflow: ") and "peak RSS" in lines[-1]
+
+
+def test_metrics_benchmark_smoke() -> None:
+    rows = [line for line in metrics.main(["--smoke"]) if "inst/s" in line]
+    assert [row.split(" | ")[1] for row in rows] == list(metrics.MODES)
