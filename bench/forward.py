@@ -449,7 +449,7 @@ def main(arguments: list[str] | None = None) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="soupflow-forward-") as name:
         work = Path(name)
         if args.smoke:
-            files, runs, load_seconds = images(work / "ct", 6, 64, 64), 1, 3.0
+            files, runs, load_seconds = images(work / "ct", 6, 64, 64), 1, 1.5
         else:
             files, runs, load_seconds = images(work / "ct", 200, 512, 512), args.runs, 60.0
         rates: dict[str, list[float]] = {}
