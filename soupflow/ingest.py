@@ -20,6 +20,7 @@ from soupflow import metrics
 from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject
 from soupflow.dicom.part10 import MalformedObjectError, identify
+from soupflow.events import fields
 from soupflow.store.queue import Arrival, Delivery, Origin, Queue, QueueError
 from soupflow.store.spool import Spool, SpoolError
 
@@ -96,6 +97,13 @@ class Ingest:
                 sop_instance_uid,
                 origin.calling_aet or origin.peer_address,
                 status.describe(problem),
+                extra=fields(
+                    workflow=workflow_id,
+                    sop_instance_uid=sop_instance_uid,
+                    calling_aet=origin.calling_aet,
+                    peer=origin.peer_address,
+                    status=f"0x{problem:04X}",
+                ),
             )
             return problem
         request_id = str(uuid.uuid4())
@@ -151,5 +159,15 @@ class Ingest:
             sop_instance_uid,
             request_id,
             byte_count,
+            extra=fields(
+                workflow=workflow_id,
+                request_id=request_id,
+                sop_instance_uid=sop_instance_uid,
+                calling_aet=origin.calling_aet,
+                peer=origin.peer_address,
+                transport=origin.transport or "DICOM",
+                status="0x0000",
+                bytes=byte_count,
+            ),
         )
         return status.SUCCESS

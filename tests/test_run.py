@@ -93,7 +93,11 @@ def test_json_logs_are_one_object_per_line_without_phi(tmp_path: Path) -> None:
     assert {"time", "level", "logger", "event"} <= set(events[0])
     [listener] = [e for e in events if "listener" in e]
     assert listener["listener"]["state"] == "listening"
-    assert any(e["event"].startswith("stored SOPInstanceUID") for e in events)
+    [stored] = [e for e in events if e["event"].startswith("stored SOPInstanceUID")]
+    assert stored["status"] == "0x0000" and stored["calling_aet"] == "MODALITY01"
+    assert stored["workflow"] and stored["request_id"] and stored["sop_instance_uid"]
+    [accepted] = [e for e in events if e.get("result") == "accepted"]
+    assert accepted["peer"].startswith("127.0.0.1:")
     assert "CompressedSamples" not in runtime.log.read_text()
 
 

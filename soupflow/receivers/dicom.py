@@ -33,6 +33,7 @@ from soupflow.dicom.negotiation import (
     Rejection,
     Request,
 )
+from soupflow.events import fields
 from soupflow.ingest import Ingest
 from soupflow.receivers.server import Limits, Server, drain, server_contexts, tls_restart_key
 from soupflow.store.queue import Origin
@@ -227,6 +228,7 @@ class Listener:
                 request.calling_aet,
                 request.called_aet,
                 reason,
+                extra=self._association_fields(where, request.calling_aet, "rejected"),
             )
             metrics.ASSOCIATIONS.labels(self.workflow_id, "rejected").inc()
             return rejection
@@ -238,13 +240,29 @@ class Listener:
                     *where,
                     request.calling_aet,
                     limit,
+                    extra=self._association_fields(where, request.calling_aet, "rejected"),
                 )
                 metrics.ASSOCIATIONS.labels(self.workflow_id, "rejected").inc()
                 return LOCAL_LIMIT_EXCEEDED
             self._admitted.add(session)
-        log.info("accepted association from %s:%s calling %r", *where, request.calling_aet)
+        log.info(
+            "accepted association from %s:%s calling %r",
+            *where,
+            request.calling_aet,
+            extra=self._association_fields(where, request.calling_aet, "accepted"),
+        )
         metrics.ASSOCIATIONS.labels(self.workflow_id, "accepted").inc()
         return None
+
+    def _association_fields(
+        self, where: tuple[str, int], calling_aet: str, result: str
+    ) -> dict[str, dict[str, object]]:
+        return fields(
+            workflow=self.workflow_id,
+            peer=f"{where[0]}:{where[1]}",
+            calling_aet=calling_aet,
+            result=result,
+        )
 
     def on_c_store(self, session: Session, received: ReceivedObject) -> int:
         if self._refusing.is_set():

@@ -43,6 +43,7 @@ from python_multipart.multipart import MultipartParser
 from soupflow import tls
 from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject
+from soupflow.events import fields
 from soupflow.ingest import Ingest
 from soupflow.receivers.http11 import next_event as _next_event
 from soupflow.receivers.server import (
@@ -502,6 +503,16 @@ class StowListener:
             received,
             stored,
             code,
+            extra=fields(
+                workflow=self.workflow_id,
+                request_id=request_id,
+                delivery_id=delivery_id,
+                peer=where,
+                certificate=certificate.sha256[:16] if certificate else None,
+                parts=len(results),
+                bytes=received,
+                status=code,
+            ),
         )
         extra = (("Retry-After", _RETRY_AFTER),) if code == 503 else ()
         _answer(http, connection, code, json.dumps(document).encode(), extra, dicom_json=True)

@@ -27,6 +27,7 @@ import httpx
 from soupflow import metrics
 from soupflow.activities.connections import Connections
 from soupflow.activities.egress import checked_client
+from soupflow.events import fields
 from soupflow.message.convert import Options, convert
 from soupflow.network import Egress
 from soupflow.pipeline.context import RunContext
@@ -299,6 +300,12 @@ class Workers:
                 request_id,
                 message.arrival.sop_instance_uid,
                 result.state,
+                extra=fields(
+                    workflow=message.arrival.workflow_id,
+                    request_id=request_id,
+                    sop_instance_uid=message.arrival.sop_instance_uid,
+                    state=str(result.state),
+                ),
             )
             return
         error = result.error or ActivityError("failed")
@@ -358,6 +365,13 @@ class Workers:
             message.arrival.sop_instance_uid,
             _name(workflow.setting(activity)),
             reason,
+            extra=fields(
+                workflow=message.arrival.workflow_id,
+                request_id=message.request_id,
+                sop_instance_uid=message.arrival.sop_instance_uid,
+                state="dead",
+                activity=activity,
+            ),
         )
 
 
