@@ -35,7 +35,7 @@ def test_forwarding_benchmark_smoke(tmp_path: Path) -> None:
     lines = forward.main(["--smoke", "--chart", str(chart)])
     rates, sustained = "\n".join(lines).split("\n\n")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in rates.splitlines()[2:]}
-    assert len(rows) == len(forward.SCENARIOS) - 1  # every path but the sustained load
+    assert len(rows) == len(forward.SMOKE_ROUTES)  # smoke: one route of each harness kind
     for row in rows.values():
         assert float(row.split(" | ")[1].replace(",", "")) > 0, row
     assert "| empty after the last store |" in sustained
