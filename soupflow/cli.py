@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     runner = commands.add_parser(
         "run",
         help="run the DICOM listeners of a workflows folder",
-        description="Start one C-STORE listener per valid, enabled workflow in the folder. "
+        description="Start one listener (C-STORE, or STOW-RS) per valid, enabled workflow in the folder. "
         "Each received instance is fsynced to the data folder and queued before the sender "
         "hears Success; workers then run its workflow (filters, variables, activities). The "
         "folder is watched: files that appear, change or go take effect while it runs. "

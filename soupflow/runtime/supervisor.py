@@ -36,7 +36,7 @@ from soupflow.runtime.workers import Workers, taken_back
 from soupflow.store import open_queue
 from soupflow.store.queue import Queue
 from soupflow.store.spool import Spool
-from soupflow.workflow.checks import check_egress
+from soupflow.workflow.checks import Problem, egress_problems
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 from soupflow.workflow.model import DicomSenderSetting
 
@@ -97,6 +97,7 @@ class Runtime:
         self.children: WorkerProcesses | None = None
         self._ingest: Ingest | None = None
         self._digests: dict[Path, str] = {}
+        self._egress_checked: dict[tuple[Path, str], list[Problem]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -222,9 +223,14 @@ class Runtime:
                 if self.workflows_folder.is_dir()
                 else []
             )
-            for loaded in scanned:
-                check_egress(loaded, self.egress)
             digests = {w.path: digest(w.path) for w in scanned}
+            for loaded in scanned:
+                self._check_egress(loaded, digests[loaded.path])
+            self._egress_checked = {  # only the files as they are now
+                key: found
+                for key, found in self._egress_checked.items()
+                if digests.get(key[0]) == key[1]
+            }
             unchanged = {
                 path for path, content in digests.items() if self._digests.get(path) == content
             }
@@ -249,6 +255,16 @@ class Runtime:
                 self.workers is not None
             ):  # a changed or removed destination lets its associations go
                 self.workers.connections.associations.retain(self._destinations())
+
+    def _check_egress(self, loaded: LoadedWorkflow, content: str) -> None:
+        """The egress check, remembered per file content: the folder is rescanned every
+        second, and a name that only CIDR entries could allow costs a DNS lookup."""
+        key = (loaded.path, content)
+        problems = self._egress_checked.get(key)
+        if problems is None:
+            problems = self._egress_checked[key] = egress_problems(loaded, self.egress)
+        for problem in problems:
+            loaded.sink.error(*problem)
 
     def _destinations(self) -> set[Destination]:
         return {

@@ -760,9 +760,19 @@ class _WorkflowChecks:
             )
 
 
+Problem = tuple[str, str, str]  # (pointer, message, hint)
+
+
 def check_egress(loaded: LoadedWorkflow, egress: Egress) -> None:
     """Every destination written in the file (not built from `${}`) must be allowed by the
     operator's allowlists; loopback always is. Templated ones are checked at send time."""
+    for problem in egress_problems(loaded, egress):
+        loaded.sink.error(*problem)
+
+
+def egress_problems(loaded: LoadedWorkflow, egress: Egress) -> list[Problem]:
+    """What `check_egress` reports (a name only address entries could allow is looked up)."""
+    problems: list[Problem] = []
     for entry in loaded.entries:
         setting = entry.setting
         tcp: list[tuple[str, str, int]] = []
@@ -776,7 +786,7 @@ def check_egress(loaded: LoadedWorkflow, egress: Egress) -> None:
         elif isinstance(setting, model.StowRsSenderSetting):
             urls.append(("BaseUrl", setting.base_url))
         for field, host, port in tcp:
-            _check_destination(loaded, entry, field, egress.tcp, host.strip(), port)
+            problems += _destination(entry, field, egress.tcp, host.strip(), port)
         for field, url in urls:
             text = url.strip()
             if not text or "${" in text or egress.http.allows_url(text):
@@ -784,14 +794,15 @@ def check_egress(loaded: LoadedWorkflow, egress: Egress) -> None:
             parts = urlsplit(text)
             if parts.hostname:
                 port = parts.port or (443 if parts.scheme == "https" else 80)
-                _check_destination(loaded, entry, field, egress.http, parts.hostname, port)
+                problems += _destination(entry, field, egress.http, parts.hostname, port)
+    return problems
 
 
-def _check_destination(
-    loaded: LoadedWorkflow, entry: Entry, field: str, allowlist: Allowlist, host: str, port: int
-) -> None:
+def _destination(
+    entry: Entry, field: str, allowlist: Allowlist, host: str, port: int
+) -> list[Problem]:
     if not host or "${" in host:
-        return
+        return []
     allowed = allowlist.allowed_without_lookup(host, port)
     if allowed is None:  # only address entries could allow it: look the name up
         try:
@@ -799,10 +810,13 @@ def _check_destination(
             allowed = True
         except EgressError:
             allowed = False
-    if not allowed:
-        loaded.sink.error(
+    if allowed:
+        return []
+    return [
+        (
             pointer_join(entry.pointer, field),
             f"{host}:{port} is not an allowed destination ({allowlist.option}: {allowlist})",
             f"the operator allows it with {allowlist.option} {host}:{port} (or a CIDR); "
             "a workflow file cannot",
         )
+    ]
