@@ -10,6 +10,7 @@ import pytest
 
 from tests.certs import Pki
 from tests.dicom import RuntimeProcess
+from tests.postgres import PostgresCluster
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +24,11 @@ def _no_runtime_left_behind() -> Iterator[None]:
 def pki(tmp_path: Path) -> Pki:
     """A CA with a server and a client certificate, and a stranger from another CA."""
     return Pki(tmp_path / "pki")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the whole run (pg_virtualenv)."""
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,22 +21,68 @@ from soupflow.store.queue import (
     State,
     owner_id,
 )
+from soupflow.store.postgres import PostgresQueue
 from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 from tests import records
+from tests.postgres import PostgresCluster
 
 LEASE = 30.0
 T0 = 1_000_000.0
 
-# Each backend: a factory that opens (or reopens) a queue kept in `folder`.
-BACKENDS: dict[str, Callable[[Path], Queue]] = {"sqlite": SqliteQueue}
+
+
+class Backend:
+    """Where one backend keeps a test's queue, and how a test reaches under it."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        self.folder = tmp_path / "data"
+
+    @property
+    def location(self) -> str:
+        return str(self.folder)
+
+    def open(self) -> Queue:
+        return open_location(self.location)
+
+    def set_schema_version(self, version: int) -> None:
+        database = sqlite3.connect(self.folder / DATABASE_FILE)
+        database.execute(f"PRAGMA user_version={version}")
+        database.close()
+
+
+class Postgres(Backend):
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        super().__init__(request, tmp_path)
+        self.cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        self.url = self.cluster.database()
+
+    @property
+    def location(self) -> str:
+        return self.url
+
+    def set_schema_version(self, version: int) -> None:
+        self.cluster.execute(self.url, f"UPDATE soupflow_schema SET version = {version}")
+
+
+def open_location(location: str) -> Queue:
+    """A backend's queue from its location alone (what a child process is given)."""
+    return PostgresQueue(location) if location.startswith("postgresql") else SqliteQueue(Path(location))
+
+
+BACKENDS: dict[str, type[Backend]] = {"sqlite": Backend, "postgresql": Postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Queue]]:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return BACKENDS[request.param](request, tmp_path)
+
+
+@pytest.fixture
+def opener(backend: Backend) -> Iterator[Callable[[], Queue]]:
     opened: list[Queue] = []
 
     def open_queue() -> Queue:
-        queue = BACKENDS[request.param](tmp_path / "data")
+        queue = backend.open()
         opened.append(queue)
         return queue
 
@@ -283,15 +331,13 @@ def _fields(message: Arrival) -> dict[str, object]:
 
 
 def test_the_schema_version_is_read_and_a_newer_database_refused(
-    opener: Callable[[], Queue], tmp_path: Path
+    opener: Callable[[], Queue], backend: Backend
 ) -> None:
     queue = opener()
     version = queue.schema_version
-    assert version >= 2
+    assert version >= 1
     queue.close()
-    database = sqlite3.connect(tmp_path / "data" / DATABASE_FILE)
-    database.execute(f"PRAGMA user_version={version + 1}")
-    database.close()
+    backend.set_schema_version(version + 1)
     with pytest.raises(QueueError, match="newer soupflow"):
         opener()
 
@@ -455,3 +501,65 @@ def test_the_last_outcome_is_written_with_the_end_of_the_attempt(queue: Queue) -
         outcomes=(ActivityOutcome("pacs", True, "C-STORE 0x0000 Success", T0 + 13),),
     )
     assert [o.activity_id for o in queue.activity_outcomes("request-002")] == ["pacs"]
+
+
+def _lease_until_empty(location: str, owner: str, start: Any, taken: Any) -> None:
+    """A child process: lease everything it can from the queue at `location`."""
+    queue = open_location(location)
+    start.wait(60)  # both children are ready: they lease at the same time
+    mine = []
+    for _ in range(400):
+        message = queue.lease(owner, T0 + 1000, LEASE)
+        if message is None:
+            break
+        mine.append(message.request_id)
+    queue.close()
+    taken.put(mine)
+
+
+def test_two_processes_leasing_from_one_queue_never_share_a_message(
+    queue: Queue, backend: Backend
+) -> None:
+    for number in range(300):
+        queue.enqueue(arrival(number))
+    context = multiprocessing.get_context("spawn")
+    start, taken = context.Barrier(2), context.Queue()
+    children = [
+        context.Process(
+            target=_lease_until_empty,
+            args=(backend.location, owner_id("node-a", f"boot{n}", 1), start, taken),
+        )
+        for n in range(2)
+    ]
+    for child in children:
+        child.start()
+    results = [taken.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    both = results[0] + results[1]  # (SQLite may let one process take them all)
+    assert len(both) == len(set(both)), "a message was leased by both processes"
+    assert sorted(both) == sorted(f"request-{n:03d}" for n in range(300))
+
+
+def test_finished_messages_are_purged_after_the_retention_period(queue: Queue) -> None:
+    for number in (1, 2, 3, 4):
+        queue.enqueue(arrival(number))
+    for state, at in ((State.COMPLETED, T0 + 10), (State.FILTERED, T0 + 20), (State.DEAD, T0 + 5)):
+        message = queue.lease("w", at, LEASE)
+        assert message is not None
+        queue.record_activity(message.request_id, "w", ActivityOutcome("a", True, "", at))
+        queue.finish(message.request_id, "w", state, at, reason="x" if state == State.DEAD else None)
+    assert queue.purge_finished(before=T0 + 15) == 1  # the completed one only
+    assert queue.get("request-001") is None
+    assert queue.activity_outcomes("request-001") == []
+    assert queue.purge_finished(before=T0 + 100) == 1  # the filtered one
+    remaining = {m.request_id: m.state for m in queue.messages()}
+    assert remaining == {"request-003": State.DEAD, "request-004": State.QUEUED}
+
+
+def test_which_request_ids_have_a_queue_entry(queue: Queue) -> None:
+    queue.enqueue(arrival(1))
+    queue.enqueue(arrival(2))
+    ids = ["request-001", "request-002", "request-404", *(f"x-{n}" for n in range(600))]
+    assert queue.existing(ids) == {"request-001", "request-002"}
+    assert queue.existing([]) == set()

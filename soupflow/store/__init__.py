@@ -1,15 +1,18 @@
 """Where received objects and their queue live. Upstream: ingest, runtime, admin.
 
-spool    object files: incoming/ -> objects/, fsynced
-queue    the Queue protocol, its states and records (every backend implements it)
-sqlite   the embedded backend: one SQLite database in the data folder
+spool     object files: incoming/ -> objects/, fsynced
+queue     the Queue protocol, its states and records (every backend implements it)
+sql       what the SQL backends share: statements, group commit, the verbs
+sqlite    the embedded backend: one SQLite database in the data folder
+postgres  the shared backend: a PostgreSQL database several nodes use at once
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from soupflow.store.queue import Queue
+from soupflow.store.postgres import PostgresQueue, is_url
+from soupflow.store.queue import Queue, QueueError
 from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 
 
@@ -17,10 +20,20 @@ class NoDataError(Exception):
     """The data folder has no queue: nothing was ever received there."""
 
 
-def open_queue(data: Path, *, create: bool = True, read_only: bool = False) -> Queue:
-    """The queue of a data folder (the one place a backend is chosen). Without `create`, a
-    folder that has no queue yet is a NoDataError rather than a new, empty queue;
+def open_queue(
+    data: Path, queue: str = "", *, create: bool = True, read_only: bool = False
+) -> Queue:
+    """The queue (the one place a backend is chosen): the PostgreSQL database at `queue`
+    (`--queue postgresql://...`), else the SQLite file in the data folder. Without `create`,
+    a folder that has no queue yet is a NoDataError rather than a new, empty queue;
     `read_only` opens it for reading only (it works on a full disk)."""
+    if queue:
+        if not is_url(queue):
+            raise QueueError(
+                f"--queue {queue!r}: expected a postgresql:// URL, or nothing for the SQLite "
+                "file in the data folder"
+            )
+        return PostgresQueue(queue, read_only=read_only, create=create and not read_only)
     if (not create or read_only) and not (data / DATABASE_FILE).is_file():
         raise NoDataError(
             f"no queue in {data}: start `soupflow run --data {data}` first, or pass --data"

@@ -11,6 +11,7 @@ seconds since the epoch) so tests step it instead of sleeping.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -191,6 +192,9 @@ class Queue(Protocol):
 
     def get(self, request_id: str) -> Message | None: ...
 
+    def existing(self, request_ids: list[str]) -> set[str]:
+        """Which of these request ids have a queue entry (the sweep of orphaned objects)."""
+
     def messages(
         self, state: State | None = None, workflow_id: str | None = None, limit: int = 1000
     ) -> list[Message]: ...
@@ -202,5 +206,13 @@ class Queue(Protocol):
 
     def purge(self, request_ids: list[str] | None, workflow_id: str | None) -> list[Message]:
         """Delete dead messages (by id, by workflow, or all); returns what was deleted."""
+
+    def purge_finished(self, before: float, limit: int = 10_000) -> int:
+        """Delete up to `limit` completed and filtered messages last changed before `before`
+        (the retention period); returns how many."""
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` when another process made a message ready, where the backend can tell
+        (a shared server's notifications); otherwise workers find it by polling."""
 
     def close(self) -> None: ...
