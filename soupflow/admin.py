@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from soupflow.runtime import listeners_file
-from soupflow.store import NoDataError, open_queue
+from soupflow.store import NoDataError, Storage
 from soupflow.store.queue import ActivityOutcome, Message, State, WorkflowCounts
-from soupflow.store.spool import Spool
 from soupflow.workflow.load import LoadedWorkflow, load_paths
 
 __all__ = ["NoDataError", "dead_messages", "purge_dead", "retry_dead", "status", "status_json"]
@@ -36,11 +35,11 @@ class WorkflowStatus:
 
 
 def status(
-    data: Path, workflows: Path | None = None, now: float | None = None
+    storage: Storage, workflows: Path | None = None, now: float | None = None
 ) -> list[WorkflowStatus]:
     moment = time.time() if now is None else now
-    rows = listeners_file.read(data)
-    queue = open_queue(data, read_only=True)
+    rows = listeners_file.read(storage.data)
+    queue = storage.open_queue(read_only=True)
     try:
         counts = {entry.workflow_id: entry for entry in queue.counts()}
     finally:
@@ -125,13 +124,13 @@ def _names(workflows: Path | None) -> dict[str, str]:
 
 
 def dead_messages(
-    data: Path,
+    storage: Storage,
     workflow_id: str | None = None,
     request_ids: list[str] | None = None,
     workflows: Path | None = None,
 ) -> list[DeadMessage]:
     names = _names(workflows)
-    queue = open_queue(data, read_only=True)
+    queue = storage.open_queue(read_only=True)
     try:
         messages = [
             m
@@ -163,17 +162,17 @@ def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, st
     )
 
 
-def retry_dead(data: Path, request_ids: list[str] | None, workflow_id: str | None) -> int:
-    queue = open_queue(data, create=False)
+def retry_dead(storage: Storage, request_ids: list[str] | None, workflow_id: str | None) -> int:
+    queue = storage.open_queue(create=False)
     try:
         return queue.revive(request_ids, workflow_id, time.time())
     finally:
         queue.close()
 
 
-def purge_dead(data: Path, request_ids: list[str] | None, workflow_id: str | None) -> int:
-    queue = open_queue(data, create=False)
-    spool = Spool(data)
+def purge_dead(storage: Storage, request_ids: list[str] | None, workflow_id: str | None) -> int:
+    queue = storage.open_queue(create=False)
+    spool = storage.spool()
     try:
         purged = queue.purge(request_ids, workflow_id)
     finally:

@@ -30,9 +30,10 @@ from soupflow.network import Allowlist, CleartextPorts, Egress, is_loopback
 from soupflow.runtime.admin_http import DEFAULT_ADMIN, parse_address
 from soupflow.runtime.listeners_file import read_network
 from soupflow.runtime.processes import WorkerRuntime, new_boot
-from soupflow.runtime.supervisor import Runtime, node_name
+from soupflow.runtime.supervisor import NODE_ID, Runtime, node_name
 from soupflow.runtime.watch import watch
-from soupflow.store import NoDataError
+from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS
+from soupflow.store import NoDataError, Storage
 from soupflow.store.queue import QueueError
 from soupflow.workflow import diff, fmt
 from soupflow.workflow.checks import check_egress
@@ -138,6 +139,57 @@ def _egress(args: argparse.Namespace) -> Egress:
         raise SystemExit(f"soupflow: {exc}") from None
 
 
+def _storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--queue",
+        default=os.environ.get("SOUPFLOW_QUEUE", ""),
+        metavar="URL",
+        help="the queue: a postgresql:// URL several nodes share (default: the SQLite file "
+        "in the data folder; env SOUPFLOW_QUEUE)",
+    )
+    parser.add_argument(
+        "--objects",
+        type=Path,
+        default=Path(os.environ["SOUPFLOW_OBJECTS"])
+        if os.environ.get("SOUPFLOW_OBJECTS")
+        else None,
+        metavar="DIR",
+        help="where received objects are kept, a folder every node can read on a shared "
+        "mount (default: <data>/objects; env SOUPFLOW_OBJECTS)",
+    )
+
+
+def _lease_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(os.environ.get("SOUPFLOW_LEASE_SECONDS", LEASE_SECONDS)),
+        help="how long a worker's claim on a message lasts unless renewed; a node that dies "
+        f"loses its messages to the others after this (default {LEASE_SECONDS:.0f}; env "
+        "SOUPFLOW_LEASE_SECONDS)",
+    )
+    parser.add_argument(
+        "--retention-days",
+        type=float,
+        default=float(os.environ.get("SOUPFLOW_RETENTION_DAYS", RETENTION_DAYS)),
+        help="completed and filtered messages are deleted from the queue after this many "
+        f"days (default {RETENTION_DAYS:g}; 0 keeps them; env SOUPFLOW_RETENTION_DAYS)",
+    )
+
+
+def _storage(args: argparse.Namespace) -> Storage:
+    return Storage(args.data, args.queue, args.objects)
+
+
+def _node_id(text: str) -> str:
+    if not NODE_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a node id is letters, digits, '.', '_' and '-' (it names a folder and "
+            "appears in lease owners)"
+        )
+    return text
+
+
 def _work(args: argparse.Namespace) -> int:
     stopping = _event_lines()
     runtime = WorkerRuntime(
@@ -148,6 +200,9 @@ def _work(args: argparse.Namespace) -> int:
         args.boot,
         args.keep_objects,
         _egress(args),
+        _storage(args),
+        args.lease_seconds,
+        args.retention_days,
     )
     try:
         runtime.start()
@@ -191,6 +246,10 @@ def _run(args: argparse.Namespace) -> int:
         egress=egress,
         admin=admin,
         admin_token=args.admin_token,
+        storage=_storage(args),
+        node=args.node_id,
+        lease_seconds=args.lease_seconds,
+        retention_days=args.retention_days,
     )
     try:
         runtime.start()
@@ -245,7 +304,7 @@ def _age(seconds: float | None) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     try:
-        rows = admin.status(args.data, args.workflows)
+        rows = admin.status(_storage(args), args.workflows)
     except admin.NoDataError as exc:
         _say(_err, str(exc), "red")
         return EXIT_PROBLEMS
@@ -303,7 +362,7 @@ def _dead(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        found = admin.dead_messages(args.data, args.workflow, ids, args.workflows)
+        found = admin.dead_messages(_storage(args), args.workflow, ids, args.workflows)
     except admin.NoDataError as exc:
         _say(_err, str(exc), "red")
         return EXIT_PROBLEMS
@@ -361,7 +420,7 @@ def _dead(args: argparse.Namespace) -> int:
             return EXIT_PROBLEMS
         return EXIT_OK
     if args.action == "retry":
-        count = admin.retry_dead(args.data, ids, args.workflow)
+        count = admin.retry_dead(_storage(args), ids, args.workflow)
         _say(_out, f"{count} dead message(s) queued again")
         return EXIT_OK
     if not args.yes:
@@ -378,7 +437,7 @@ def _dead(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             _say(_out, "nothing purged")
             return EXIT_OK
-    count = admin.purge_dead(args.data, ids, args.workflow)
+    count = admin.purge_dead(_storage(args), ids, args.workflow)
     _say(_out, f"{count} dead message(s) purged")
     return EXIT_OK
 
@@ -675,6 +734,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bearer token the admin endpoint requires (needed off loopback; env "
         "SOUPFLOW_ADMIN_TOKEN)",
     )
+    _storage_options(runner)
+    runner.add_argument(
+        "--node-id",
+        type=_node_id,
+        default=node_name(),
+        help="this node's name in leases, unique among nodes sharing a queue (default: the "
+        "host name; env SOUPFLOW_NODE)",
+    )
+    _lease_options(runner)
     runner.set_defaults(run=_run)
 
     worker = commands.add_parser(
@@ -690,6 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--boot", default=new_boot(), help="this process's id in leases")
     worker.add_argument("--keep-objects", action="store_true")
     _egress_options(worker)
+    _storage_options(worker)
+    _lease_options(worker)
     worker.set_defaults(run=_work)
 
     echo_command = commands.add_parser(
@@ -741,6 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="workflow files, for names when no runtime runs (default: workflows)",
     )
     status_command.add_argument("--json", action="store_true", help="print JSON for tools")
+    _storage_options(status_command)
     status_command.set_defaults(run=_status)
 
     dead = commands.add_parser(
@@ -763,6 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("SOUPFLOW_WORKFLOWS", "workflows")),
         help="workflow files, for activity names (default: workflows)",
     )
+    _storage_options(dead)
     dead.set_defaults(run=_dead)
     return parser
 

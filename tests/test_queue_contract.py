@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from soupflow.store.postgres import PostgresQueue
 from soupflow.store.queue import (
     MAX_LEASE_EXPIRIES,
     ActivityOutcome,
@@ -21,14 +22,12 @@ from soupflow.store.queue import (
     State,
     owner_id,
 )
-from soupflow.store.postgres import PostgresQueue
 from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 from tests import records
 from tests.postgres import PostgresCluster
 
 LEASE = 30.0
 T0 = 1_000_000.0
-
 
 
 class Backend:
@@ -66,7 +65,11 @@ class Postgres(Backend):
 
 def open_location(location: str) -> Queue:
     """A backend's queue from its location alone (what a child process is given)."""
-    return PostgresQueue(location) if location.startswith("postgresql") else SqliteQueue(Path(location))
+    return (
+        PostgresQueue(location)
+        if location.startswith("postgresql")
+        else SqliteQueue(Path(location))
+    )
 
 
 BACKENDS: dict[str, type[Backend]] = {"sqlite": Backend, "postgresql": Postgres}
@@ -548,7 +551,9 @@ def test_finished_messages_are_purged_after_the_retention_period(queue: Queue) -
         message = queue.lease("w", at, LEASE)
         assert message is not None
         queue.record_activity(message.request_id, "w", ActivityOutcome("a", True, "", at))
-        queue.finish(message.request_id, "w", state, at, reason="x" if state == State.DEAD else None)
+        queue.finish(
+            message.request_id, "w", state, at, reason="x" if state == State.DEAD else None
+        )
     assert queue.purge_finished(before=T0 + 15) == 1  # the completed one only
     assert queue.get("request-001") is None
     assert queue.activity_outcomes("request-001") == []

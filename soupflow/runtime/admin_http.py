@@ -28,6 +28,7 @@ from soupflow.receivers.http11 import next_event
 from soupflow.receivers.server import Limits, Server
 from soupflow.runtime import listeners_file
 from soupflow.runtime.dashboard import PAGE
+from soupflow.store import Storage
 from soupflow.store.queue import State
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,13 @@ class AdminServer:
         port: int,
         token: str,
         readiness: Readiness,
-        data: Path,
+        storage: Storage,
         workflows: Path | None = None,
     ) -> None:
         self.token = token
         self.readiness = readiness
-        self.data = data
+        self.storage = storage
+        self.data = storage.data
         self.workflows = workflows
         self._server = Server(
             "admin endpoint",
@@ -152,7 +154,7 @@ class AdminServer:
     def _status(self) -> dict[str, Any]:
         """What the dashboard shows: the workflows and the dead messages, as `status` and
         `dead list` show them (no PHI beyond those)."""
-        rows = admin.status(self.data, self.workflows)
+        rows = admin.status(self.storage, self.workflows)
         listeners = {row.workflow_id: row for row in listeners_file.read(self.data)}
         workflows = []
         for row in rows:
@@ -178,7 +180,7 @@ class AdminServer:
                 "attempts": message.attempts,
                 "reason": message.reason,
             }
-            for message in admin.dead_messages(self.data, workflows=self.workflows)[:_MAX_DEAD]
+            for message in admin.dead_messages(self.storage, workflows=self.workflows)[:_MAX_DEAD]
         ]
         return {"time": time.time(), "workflows": workflows, "dead": dead}
 
@@ -194,7 +196,7 @@ class AdminServer:
         except (ValueError, KeyError, TypeError):
             return 400, "application/json", b'{"error": "a JSON body {\\"ids\\": [...]}"}'
         run = admin.retry_dead if action == "retry" else admin.purge_dead
-        count = run(self.data, ids, None)
+        count = run(self.storage, ids, None)
         log.info("dashboard: %s %d dead message(s)", action, count)
         return 200, "application/json", json.dumps({action: count}).encode("utf-8")
 

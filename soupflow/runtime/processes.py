@@ -26,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from soupflow.network import Egress
-from soupflow.runtime.workers import Workers, taken_back
-from soupflow.store import open_queue
+from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
+from soupflow.store import Storage
 from soupflow.store.queue import Queue
-from soupflow.store.spool import Spool
 from soupflow.workflow.checks import check_egress
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 
@@ -57,7 +56,12 @@ class WorkerRuntime:
         boot: str,
         keep_objects: bool = False,
         egress: Egress | None = None,
+        storage: Storage | None = None,
+        lease_seconds: float = LEASE_SECONDS,
+        retention_days: float = RETENTION_DAYS,
     ) -> None:
+        self.storage = storage or Storage(data)
+        self.lease_seconds, self.retention_days = lease_seconds, retention_days
         self.workflows_folder = workflows
         self.egress = egress or Egress()
         self.data = data
@@ -72,11 +76,11 @@ class WorkerRuntime:
 
     def start(self) -> None:
         sys.path.insert(0, str(self.workflows_folder.resolve()))  # PythonCallable modules
-        self.queue = open_queue(self.data, create=False)
+        self.queue = self.storage.open_queue(create=False)
         self.reload()
         self.workers = Workers(
             self.queue,
-            Spool(self.data),
+            self.storage.spool(self.node),
             self.data,
             self.known.get,
             self.worker_count,
@@ -84,6 +88,8 @@ class WorkerRuntime:
             keep_objects=self.keep_objects,
             idle_seconds=POLL_SECONDS,
             egress=self.egress,
+            lease_seconds=self.lease_seconds,
+            retention_days=self.retention_days,
         )
         self.workers.start()
 

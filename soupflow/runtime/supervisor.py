@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import resource
 import socket
 import sys
@@ -32,10 +33,9 @@ from soupflow.runtime import listeners_file, reconcile
 from soupflow.runtime.admin_http import AdminServer
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
 from soupflow.runtime.processes import WorkerProcesses, digest, new_boot
-from soupflow.runtime.workers import Workers, taken_back
-from soupflow.store import open_queue
+from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
+from soupflow.store import Storage
 from soupflow.store.queue import Queue
-from soupflow.store.spool import Spool
 from soupflow.workflow.checks import Problem, egress_problems
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 from soupflow.workflow.model import DicomSenderSetting
@@ -43,9 +43,14 @@ from soupflow.workflow.model import DicomSenderSetting
 log = logging.getLogger(__name__)
 
 
+NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def node_name() -> str:
-    """This machine's name in lease owners (`SOUPFLOW_NODE`, else the host name)."""
-    return os.environ.get("SOUPFLOW_NODE") or socket.gethostname() or "node"
+    """This machine's name in lease owners (`SOUPFLOW_NODE`, else the host name, with
+    anything but letters, digits, '.', '_' and '-' replaced)."""
+    name = os.environ.get("SOUPFLOW_NODE") or socket.gethostname() or "node"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:64]
 
 
 @dataclass
@@ -69,9 +74,18 @@ class Runtime:
         egress: Egress | None = None,
         admin: tuple[str, int] | None = None,
         admin_token: str = "",
+        storage: Storage | None = None,
+        node: str = "",
+        lease_seconds: float = LEASE_SECONDS,
+        retention_days: float = RETENTION_DAYS,
     ) -> None:
         """`allow_cleartext`: ports whose listener may be cleartext on a non-loopback `host`
-        (`--allow-cleartext`); `egress`: where activities may connect (fail closed)."""
+        (`--allow-cleartext`); `egress`: where activities may connect (fail closed);
+        `storage`: the queue and objects folder when they are not the data folder's own
+        (`--queue`, `--objects`); `node`: this node's name in leases (`--node-id`)."""
+        self.storage = storage or Storage(data)
+        self.lease_seconds = lease_seconds
+        self.retention_days = retention_days
         self.workflows_folder = workflows
         self.allow_cleartext = allow_cleartext or CleartextPorts()
         self.egress = egress or Egress()
@@ -90,7 +104,7 @@ class Runtime:
         self.known: dict[str, LoadedWorkflow] = {}
         self.running: dict[str, _Workflow] = {}
         self.problems: list[ListenerRow] = []
-        self.node = node_name()
+        self.node = node or node_name()
         self.boot = new_boot()  # this process, in lease owners
         self.queue: Queue | None = None
         self.workers: Workers | None = None
@@ -108,12 +122,12 @@ class Runtime:
     def start(self) -> None:
         """Open the store, recover from a crash, load the folder, start the workers."""
         _raise_descriptor_limit()
-        spool = Spool(self.data)
+        spool = self.storage.spool(self.node)
         spool.clear_incoming()
         sys.path.insert(
             0, str(self.workflows_folder.resolve())
         )  # where PythonCallable modules may live
-        self.queue = open_queue(self.data)
+        self.queue = self.storage.open_queue()
         recovered = self.queue.recover(self.node, time.time())
         taken_back(recovered, f"left processing by the last run on {self.node}")
         self._ingest = Ingest(spool, self.queue, on_queued=self._wake_workers)
@@ -137,6 +151,8 @@ class Runtime:
             owner_prefix=f"{self.node}/{self.boot}",
             keep_objects=self.keep_objects,
             egress=self.egress,
+            lease_seconds=self.lease_seconds,
+            retention_days=self.retention_days,
         )
         self.workers.start()
         self._start_admin()
@@ -153,7 +169,7 @@ class Runtime:
             return
         host, port = self.admin_address
         admin = AdminServer(
-            host, port, self.admin_token, self.readiness, self.data, self.workflows_folder
+            host, port, self.admin_token, self.readiness, self.storage, self.workflows_folder
         )
         try:
             admin.start()
@@ -203,7 +219,15 @@ class Runtime:
             self.node,
             "--boot",
             boot,
+            "--lease-seconds",
+            str(self.lease_seconds),
+            "--retention-days",
+            str(self.retention_days),
         ]
+        if self.storage.queue:
+            command += ["--queue", self.storage.queue]
+        if self.storage.objects is not None:
+            command += ["--objects", str(self.storage.objects)]
         for entry in self.egress.tcp.entries:
             command += ["--allowed-tcp", entry.text]
         for entry in self.egress.http.entries:

@@ -49,6 +49,11 @@ from soupflow.workflow.load import Entry, LoadedWorkflow
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 300.0
+RETENTION_DAYS = 7.0  # completed and filtered messages are kept this long (for status)
+# An object older than this with no queue entry is an orphan (a crash between its commit
+# and its enqueue, which take milliseconds): the sweep deletes it.
+SWEEP_GRACE_SECONDS = 3600.0
+_HOUSEKEEPING_SECONDS = 300.0
 _IDLE_SECONDS = 0.2
 _EXPIRE_EVERY_SECONDS = 5.0
 _UNLOADED_RETRY_SECONDS = 30.0
@@ -112,8 +117,10 @@ class Workers:
         http: httpx.Client | None = None,
         idle_seconds: float = _IDLE_SECONDS,
         egress: Egress | None = None,
+        retention_days: float = RETENTION_DAYS,
     ) -> None:
-        """`egress`: where activities may connect (default: loopback only)."""
+        """`egress`: where activities may connect (default: loopback only);
+        `retention_days`: how long finished messages stay in the queue (0: for ever)."""
         egress = egress or Egress()
         self.queue = queue
         self.spool = spool
@@ -125,6 +132,7 @@ class Workers:
         self.clock = clock
         self.lease_seconds = lease_seconds
         self.idle_seconds = idle_seconds  # how long an idle worker waits before it looks again
+        self.retention_seconds = retention_days * 86400.0
         self.http = http if http is not None else checked_client(egress.http)
         self.connections = Connections(egress=egress)
         self._stopping = threading.Event()
@@ -152,9 +160,14 @@ class Workers:
             thread.start()
             self._threads.append(thread)
         if self.count:
-            renewer = threading.Thread(target=self._renew_loop, name="soupflow-leases", daemon=True)
-            renewer.start()
-            self._threads.append(renewer)
+            self.queue.watch(self.wake)  # messages other processes queue wake us too
+            for target, name in (
+                (self._renew_loop, "soupflow-leases"),
+                (self._housekeeping_loop, "soupflow-housekeeping"),
+            ):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the messages in progress (bounded by `timeout`), then stop."""
@@ -185,6 +198,39 @@ class Workers:
     def _renew_loop(self) -> None:
         while not self._stopping.wait(self.lease_seconds / 3):
             self.renew_leases()
+
+    def housekeeping(self, now: float) -> tuple[int, int]:
+        """Delete finished messages past the retention period, then objects no queue entry
+        names (orphans of a crash, or of purged messages); returns (messages, objects)."""
+        purged = swept = 0
+        if self.retention_seconds > 0:
+            for _ in range(100):  # bounded batches: no transaction holds the queue for long
+                batch = self.queue.purge_finished(now - self.retention_seconds)
+                purged += batch
+                if batch == 0:
+                    break
+        candidates = list(self.spool.unclaimed(now - SWEEP_GRACE_SECONDS))
+        known = self.queue.existing(candidates) if candidates else set()
+        for request_id in candidates:
+            if request_id not in known:
+                self.spool.remove(request_id)
+                swept += 1
+        if purged or swept:
+            log.info(
+                "housekeeping: %d finished message(s) past retention deleted, %d object(s) "
+                "without a queue entry removed",
+                purged,
+                swept,
+            )
+        return purged, swept
+
+    def _housekeeping_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.housekeeping(self.clock())
+            except (QueueError, OSError) as exc:
+                log.error("housekeeping failed (tried again later): %s", exc)
+            self._stopping.wait(_HOUSEKEEPING_SECONDS)
 
     def _loop(self, owner: str) -> None:
         last_expiry = 0.0

@@ -9,10 +9,12 @@ postgres  the shared backend: a PostgreSQL database several nodes use at once
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from soupflow.store.postgres import PostgresQueue, is_url
 from soupflow.store.queue import Queue, QueueError
+from soupflow.store.spool import Spool
 from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 
 
@@ -39,3 +41,22 @@ def open_queue(
             f"no queue in {data}: start `soupflow run --data {data}` first, or pass --data"
         )
     return SqliteQueue(data, read_only=read_only)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where a node keeps what it receives: its data folder (always its own: incoming files,
+    listeners.json, the SQLite queue by default), the queue (`--queue`: a PostgreSQL URL
+    several nodes share, or "" for SQLite in the data folder) and the objects folder
+    (`--objects`: default `<data>/objects`; a shared mount lets any node deliver)."""
+
+    data: Path
+    queue: str = ""
+    objects: Path | None = None
+
+    def open_queue(self, *, create: bool = True, read_only: bool = False) -> Queue:
+        return open_queue(self.data, self.queue, create=create, read_only=read_only)
+
+    def spool(self, node: str = "") -> Spool:
+        """The spool; `node` names this node's incoming folder in a shared objects folder."""
+        return Spool(self.data, self.objects, node)

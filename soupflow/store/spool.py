@@ -1,10 +1,14 @@
 """Object files: received Part 10 objects, made durable before anything is acknowledged.
 
 Upstream: receivers (write into `incoming`), ingest (`commit`), runtime.workers (`path`,
-`remove`). Layout under the data folder: `incoming/` for objects being received (on the
-same filesystem, so committing is a rename), `objects/<first two hex digits of the request
-id>/<request id>.dcm`. A file is durable once `commit` returns: its bytes and its
-directory entry are fsynced (a crash one instant later keeps it).
+`remove`). Layout: `<objects>/<first two hex digits of the request id>/<request id>.dcm`,
+where `<objects>` is `<data>/objects` unless `--objects` names a folder (a mount several
+nodes share). Objects being received are in an incoming folder on the same filesystem, so
+committing is a rename: `<data>/incoming/`, or with a shared objects folder
+`<objects>/incoming/<node>/`, one per node, so that a node clearing its own at start never
+touches another's files in transit. A file is durable once `commit` returns: its bytes and
+its directory entry are fsynced (a crash one instant later keeps it). Objects that no queue
+entry names (a crash between the commit and the enqueue) are found by `unclaimed`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from soupflow.durable import fsync_directory, fsync_file
@@ -25,9 +30,11 @@ class SpoolError(OSError):
 
 
 class Spool:
-    def __init__(self, data_folder: Path) -> None:
-        self.root = data_folder / "objects"
-        self.incoming = data_folder / "incoming"
+    def __init__(self, data_folder: Path, objects: Path | None = None, node: str = "") -> None:
+        self.root = objects if objects is not None else data_folder / "objects"
+        self.incoming = (
+            data_folder / "incoming" if objects is None else objects / "incoming" / (node or "node")
+        )
 
     def clear_incoming(self) -> None:
         """Start with an empty incoming folder: what a crash left there was never acknowledged."""
@@ -58,6 +65,21 @@ class Spool:
             target.unlink(missing_ok=True)
             raise SpoolError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
         return size
+
+    def unclaimed(self, older_than: float, limit: int = 100_000) -> Iterator[str]:
+        """Request ids of objects last modified before `older_than` (epoch seconds): the
+        candidates for the sweep, which keeps those the queue knows (bounded by `limit`)."""
+        found = 0
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
+            if len(folder.name) != 2 or not folder.is_dir():
+                continue  # the incoming folders, anything an operator put there
+            for path in folder.glob("*.dcm"):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                    if path.stat().st_mtime < older_than:
+                        yield path.stem
+                        found += 1
+                        if found >= limit:
+                            return
 
     def remove(self, request_id: str) -> None:
         """Delete the object, and its subfolder when that is left empty."""

@@ -88,7 +88,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
 )
 
 
-
 class SqliteQueue(SqlQueue):
     def __init__(
         self, data_folder: Path, busy_timeout_seconds: float = 5.0, *, read_only: bool = False
@@ -146,7 +145,7 @@ class SqliteQueue(SqlQueue):
 
     @property
     def schema_version(self) -> int:
-        return int(self._read("PRAGMA user_version")[0][0])
+        return int(self._read("PRAGMA user_version")[0]["user_version"])
 
     @contextmanager
     def _write(self, durable: bool = True) -> Iterator[Connection]:
