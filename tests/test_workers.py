@@ -4,6 +4,7 @@ messages, lease renewal and owner ids, without sleeping or a socket."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from soupflow.runtime.workers import RetryPolicy, Workers
+from soupflow.runtime.workers import SWEEP_GRACE_SECONDS, RetryPolicy, Workers
 from soupflow.store.queue import Message, State
 from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
@@ -165,3 +166,29 @@ def test_the_retry_defaults_are_the_formats() -> None:
     default = RetryPolicy.from_setting(None)
     sender = model.HttpSenderSetting.model_validate(http_sender(Server="http://x"))
     assert default == RetryPolicy.from_setting(sender) == RetryPolicy(10, 2, 600)
+
+
+def test_housekeeping_deletes_finished_messages_past_retention_and_orphaned_objects(
+    setup: Setup,
+) -> None:
+    leased = setup.lease()
+    assert leased is not None
+    setup.workers.process(leased, "node-a/boot1/worker-1")  # completed; its object removed
+    kept = setup.spool.path("kept")  # a kept object (its message is queued)
+    orphan = setup.spool.path("orphan")  # committed, then a crash before its enqueue
+    fresh = setup.spool.path("fresh")  # being enqueued right now by another node
+    for path in (kept, orphan, fresh):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"object")
+    setup.queue.enqueue(records.arrival(request_id="kept", workflow_id=RECEIVER_ID))
+    old = T0 - 2 * SWEEP_GRACE_SECONDS
+    os.utime(kept, (old, old))
+    os.utime(orphan, (old, old))
+    os.utime(fresh, (T0, T0))
+
+    assert setup.workers.housekeeping(T0 + 60) == (0, 1)  # r1 is young; the orphan goes
+    assert kept.exists() and fresh.exists() and not orphan.exists()
+    later = T0 + setup.workers.retention_seconds + 60
+    assert setup.workers.housekeeping(later) == (1, 1)  # r1 past retention; fresh is old now
+    assert setup.queue.get("r1") is None and setup.queue.get("kept") is not None
+    assert kept.exists()

@@ -154,7 +154,7 @@ class PostgresQueue(SqlQueue):
             with psycopg.connect(
                 url, autocommit=True, row_factory=dict_row, connect_timeout=int(_CONNECT_SECONDS)
             ) as connection:
-                self._check_durable(connection)
+                self._check_durable(connection, warn=create and not read_only)
                 if read_only or not create:
                     self._check_version(connection)
                 else:
@@ -176,7 +176,7 @@ class PostgresQueue(SqlQueue):
         return self._where
 
     # ------------------------------------------------------------------------- opening
-    def _check_durable(self, connection: psycopg.Connection[Any]) -> None:
+    def _check_durable(self, connection: psycopg.Connection[Any], warn: bool) -> None:
         setting = connection.execute("SHOW synchronous_commit").fetchone()
         if setting is not None and setting["synchronous_commit"] == "off":
             raise QueueError(
@@ -185,7 +185,7 @@ class PostgresQueue(SqlQueue):
                 "(for this database: ALTER DATABASE ... SET synchronous_commit = on)"
             )
         fsync = connection.execute("SHOW fsync").fetchone()
-        if fsync is not None and fsync["fsync"] == "off":
+        if warn and fsync is not None and fsync["fsync"] == "off":
             log.warning("%s has fsync = off: a power loss can lose what was acknowledged", self)
 
     def _check_version(self, connection: psycopg.Connection[Any]) -> None:

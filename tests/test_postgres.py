@@ -1,0 +1,136 @@
+"""What the PostgreSQL backend adds to the queue contract, against a real server
+(pg_virtualenv): durability refused when off, notifications, nodes migrating at once, clear
+errors that never show the password, and `soupflow run`, `status` and `dead` on it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from soupflow.store.postgres import SCHEMA_VERSION, PostgresQueue
+from soupflow.store.queue import QueueError
+from tests import documents, records
+from tests.dicom import RuntimeProcess, sample_file, soupflow, storescu_send, wait_for
+from tests.postgres import PostgresCluster
+
+
+def test_a_server_with_synchronous_commit_off_is_refused(postgres_cluster: PostgresCluster) -> None:
+    url = f"{postgres_cluster.url}?options={quote('-csynchronous_commit=off')}"
+    with pytest.raises(QueueError, match="synchronous_commit = off"):
+        PostgresQueue(url)
+
+
+def test_an_unreachable_server_is_a_clear_error_without_the_password(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    url = postgres_cluster.url.rsplit("@", 1)[0] + "@127.0.0.1:1/nowhere"
+    with pytest.raises(QueueError) as raised:
+        PostgresQueue(url)
+    message = str(raised.value)
+    assert "127.0.0.1:1/nowhere" in message and "cannot open the queue" in message
+    password = postgres_cluster.url.split(":")[2].split("@")[0]
+    assert password not in message
+
+
+def test_nodes_starting_together_create_the_schema_once(postgres_cluster: PostgresCluster) -> None:
+    url = postgres_cluster.database()
+    opened: list[PostgresQueue] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def node() -> None:
+        start.wait(timeout=30)
+        try:
+            opened.append(PostgresQueue(url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert errors == []
+        assert [queue.schema_version for queue in opened] == [SCHEMA_VERSION] * 4
+    finally:
+        for queue in opened:
+            queue.close()
+
+
+def test_an_enqueue_on_one_node_wakes_the_workers_of_another(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    url = postgres_cluster.database()
+    receiving, delivering = PostgresQueue(url), PostgresQueue(url)
+    woken = threading.Event()
+    try:
+        delivering.watch(woken.set)
+        # the listener may not be listening yet: enqueue until a notification arrives (bounded)
+        for number in range(50):
+            receiving.enqueue(
+                records.arrival(request_id=f"r{number}", sop_instance_uid=f"1.{number}")
+            )
+            if woken.wait(0.2):
+                break
+        assert woken.is_set()
+    finally:
+        receiving.close()
+        delivering.close()
+
+
+def test_soupflow_run_receives_into_postgresql_and_status_and_dead_read_it(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    url = postgres_cluster.database()
+    workflows, data, objects = tmp_path / "workflows", tmp_path / "data", tmp_path / "shared"
+    workflows.mkdir()
+    documents.write(
+        workflows / "intake.json",
+        documents.workflow(
+            documents.http_sender(Server="http://127.0.0.1:1/unreachable", RetryMaxAttempts=1),
+            Port=0,
+            AcceptedCallingAETs="*",
+        ),
+    )
+    runtime = RuntimeProcess(
+        workflows, data, "--queue", url, "--objects", str(objects), "--node-id", "node-a"
+    )
+    assert (objects / "incoming" / "node-a").is_dir()  # this node's own incoming folder
+    assert not (data / "queue.sqlite3").exists()
+    storescu_send(runtime.port, sample_file("CT_small.dcm"))
+
+    def dead() -> list[dict[str, object]]:
+        shown = soupflow("status", "--data", str(data), "--queue", url, "--json")
+        assert shown.returncode == 0, shown.stderr
+        rows: list[dict[str, object]] = json.loads(shown.stdout)
+        return [row for row in rows if dict(row["counts"]).get("dead")]  # type: ignore[call-overload]
+
+    wait_for(dead, "the message to be dead in PostgreSQL's queue")
+    listed = soupflow(
+        "dead", "list", "--data", str(data), "--queue", url, "--workflows", str(workflows)
+    )
+    assert listed.returncode == 0 and "Notify" in listed.stdout, listed.stdout + listed.stderr
+    assert list((objects).glob("??/*.dcm")), "the object is in the shared objects folder"
+    purged = soupflow(
+        "dead",
+        "purge",
+        "--all",
+        "--yes",
+        "--data",
+        str(data),
+        "--queue",
+        url,
+        "--objects",
+        str(objects),
+    )
+    assert purged.returncode == 0 and "1 dead message(s) purged" in purged.stdout, (
+        purged.stdout + purged.stderr
+    )
+    assert not list(objects.glob("??/*.dcm")), "purging deleted the object from the shared folder"
+    runtime.terminate()
+    assert url.split("@")[0].split(":")[2] not in runtime.log_text()  # no password in the log
