@@ -197,7 +197,9 @@ class RuntimeProcess:
         *options: str,
         launcher: tuple[str, ...] = (),
         wait: bool = True,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`env`: variables added to the runtime's environment."""
         self.data = data
         self.log = data.parent / "runtime.log"
         (data / LISTENERS_FILE).unlink(missing_ok=True)
@@ -208,7 +210,12 @@ class RuntimeProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # a free admin port: runtimes of other tests (or `make run`) may hold the default
-                env={"SOUPFLOW_ADMIN": "127.0.0.1:0", **os.environ, "COLUMNS": "200"},
+                env={
+                    "SOUPFLOW_ADMIN": "127.0.0.1:0",
+                    **os.environ,
+                    "COLUMNS": "200",
+                    **(env or {}),
+                },
             )
         self.ports: dict[str, int] = {}
         RuntimeProcess.started.append(self)
