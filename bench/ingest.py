@@ -69,7 +69,9 @@ _RECEIVER_ID = "b0000000-0000-4000-8000-000000000001"
 _WRITER_ID = "b0000000-0000-4000-8000-000000000002"
 
 
-def _soupflow(folder: Path, port: int, workers: int = 0, processes: int = 0) -> list[str]:
+def _soupflow(
+    folder: Path, port: int, workers: int = 0, processes: int = 0, options: tuple[str, ...] = ()
+) -> list[str]:
     """`soupflow run`; with workers, a workflow that writes each message's JSON to a file."""
     workflows = folder / "workflows"
     workflows.mkdir()
@@ -95,8 +97,8 @@ def _soupflow(folder: Path, port: int, workers: int = 0, processes: int = 0) -> 
         "WorkflowPattern": [receiver, writer] if workers else [receiver],
     }
     (workflows / "bench.json").write_text(json.dumps(document), encoding="utf-8")
-    options = ("--workers", str(workers), "--processes", str(processes))
-    return soupflow_run(workflows, folder / "data", *options)
+    counts = ("--workers", str(workers), "--processes", str(processes))
+    return soupflow_run(workflows, folder / "data", *counts, *options)
 
 
 def soupflow_run(workflows: Path, data: Path, *options: str) -> list[str]:
@@ -137,10 +139,16 @@ def _orthanc(folder: Path, port: int) -> list[str] | None:
 
 
 def command(
-    receiver: str, folder: Path, port: int, workers: int = 0, processes: int = 0
+    receiver: str,
+    folder: Path,
+    port: int,
+    workers: int = 0,
+    processes: int = 0,
+    options: tuple[str, ...] = (),
 ) -> list[str] | None:
+    """The receiver's command line; `options` are added to soupflow's (`--queue URL`)."""
     if receiver == "soupflow":
-        return _soupflow(folder, port, workers, processes)
+        return _soupflow(folder, port, workers, processes, options)
     if receiver == "pynetdicom":
         return [sys.executable, "-m", "bench.bare_scp", str(port), str(folder / "out")]
     if receiver == "orthanc":
@@ -208,9 +216,11 @@ def send(port: int, scenario: Scenario) -> float:
     return time.perf_counter() - start
 
 
-def measure(receiver: str, scenario: Scenario, work: Path) -> tuple[float, int] | None:
+def measure(
+    receiver: str, scenario: Scenario, work: Path, options: tuple[str, ...] = ()
+) -> tuple[float, int] | None:
     """(rate, peak RSS) of one run, or None when the receiver is not installed."""
-    with receiving(receiver, work) as running:
+    with receiving(receiver, work, options=options) as running:
         if running is None:
             return None
         port, pid, log = running
@@ -227,13 +237,17 @@ def measure(receiver: str, scenario: Scenario, work: Path) -> tuple[float, int] 
 
 @contextmanager
 def receiving(
-    receiver: str, work: Path, workers: int = 0, processes: int = 0
+    receiver: str,
+    work: Path,
+    workers: int = 0,
+    processes: int = 0,
+    options: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, int, Path] | None]:
     """A fresh receiver process answering C-ECHO: (port, pid, its log), or None when it is
     not installed. Its folder is under `work` and goes with it."""
     with tempfile.TemporaryDirectory(dir=work) as name:
         folder, port = Path(name), free_port()
-        argv = command(receiver, folder, port, workers, processes)
+        argv = command(receiver, folder, port, workers, processes, options)
         if argv is None:
             yield None
             return
@@ -259,9 +273,11 @@ def ack_latency(receiver: str, files: list[Path], rate: float, work: Path) -> li
     return delays
 
 
-def end_to_end(files: list[Path], work: Path, workers: int, processes: int = 0) -> float:
+def end_to_end(
+    files: list[Path], work: Path, workers: int, processes: int = 0, options: tuple[str, ...] = ()
+) -> float:
     """Messages per second from the first C-STORE to the last message's file written."""
-    with receiving("soupflow", work, workers, processes) as running:
+    with receiving("soupflow", work, workers, processes, options) as running:
         assert running is not None
         port, _, log = running
         out = log.parent / "out"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.postgres import PostgresCluster, UnavailableError
 from tests.certs import Pki
-from tests.dicom import RuntimeProcess
-from tests.postgres import PostgresCluster
+from tests.dicom import RuntimeProcess, unavailable
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +29,9 @@ def pki(tmp_path: Path) -> Pki:
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """One throwaway PostgreSQL cluster for the whole run (pg_virtualenv)."""
-    cluster = PostgresCluster()
+    try:
+        cluster = PostgresCluster()
+    except UnavailableError as exc:
+        unavailable(str(exc))
     yield cluster
     cluster.close()

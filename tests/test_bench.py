@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import forward, ingest, message, metrics, soak, stow, tls
+from bench import forward, ingest, message, metrics, queue, soak, stow, tls
+from bench.postgres import UnavailableError
+from tests.dicom import unavailable
 
 
 def test_message_benchmark_smoke() -> None:
@@ -65,3 +67,20 @@ def test_stow_benchmark_smoke() -> None:
 def test_metrics_benchmark_smoke() -> None:
     rows = [line for line in metrics.main(["--smoke"]) if "inst/s" in line]
     assert [row.split(" | ")[1] for row in rows] == list(metrics.MODES)
+
+
+def test_queue_benchmark_smoke() -> None:
+    try:
+        lines = queue.main(["--smoke"])
+    except UnavailableError as exc:
+        unavailable(str(exc))
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [
+        "ingest, 1 association(s) (inst/s)",
+        "ingest, 4 association(s) (inst/s)",
+        "end to end, JSON file (msg/s)",
+        "enqueues/s (4 threads)",
+        "leases + finishes/s (2 workers)",
+    ]
+    for row in rows:
+        assert float(row.split(" | ")[2].replace(",", "")) > 0, row

@@ -20,11 +20,11 @@ from pydicom import dcmread
 
 from bench.data import images
 from bench.ingest import free_port
+from bench.postgres import PostgresCluster
 from soupflow.store.postgres import PostgresQueue
 from soupflow.store.queue import State
 from tests import documents
 from tests.dicom import NODELAY, RuntimeProcess, require_tool, unavailable, wait_for
-from tests.postgres import PostgresCluster
 
 LEASE_SECONDS = 4.0
 EXPIRE_EVERY_SECONDS = 5.0  # how often workers look for expired leases (runtime.workers)

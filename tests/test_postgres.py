@@ -11,11 +11,11 @@ from urllib.parse import quote
 
 import pytest
 
+from bench.postgres import PostgresCluster
 from soupflow.store.postgres import SCHEMA_VERSION, PostgresQueue
 from soupflow.store.queue import QueueError
 from tests import documents, records
 from tests.dicom import RuntimeProcess, sample_file, soupflow, storescu_send, wait_for
-from tests.postgres import PostgresCluster
 
 
 def test_a_server_with_synchronous_commit_off_is_refused(postgres_cluster: PostgresCluster) -> None:
@@ -134,3 +134,29 @@ def test_soupflow_run_receives_into_postgresql_and_status_and_dead_read_it(
     assert not list(objects.glob("??/*.dcm")), "purging deleted the object from the shared folder"
     runtime.terminate()
     assert url.split("@")[0].split(":")[2] not in runtime.log_text()  # no password in the log
+
+
+def test_connections_the_server_dropped_are_replaced(postgres_cluster: PostgresCluster) -> None:
+    url = postgres_cluster.database()
+    queue = PostgresQueue(url)
+    try:
+        queue.enqueue(records.arrival(request_id="before", sop_instance_uid="1.1"))
+        postgres_cluster.execute(  # what a server restart or a failover does to them
+            postgres_cluster.url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND application_name = '' AND backend_type = 'client backend'",
+        )
+        outcomes = []
+        for number in range(3):  # at most one failure per dropped connection, then new ones
+            try:
+                queue.enqueue(
+                    records.arrival(request_id=f"after-{number}", sop_instance_uid=f"2.{number}")
+                )
+                outcomes.append("ok")
+            except QueueError as exc:
+                assert "terminat" in str(exc) or "closed" in str(exc) or "connection" in str(exc)
+                outcomes.append("failed")
+        assert outcomes[-1] == "ok" and outcomes.count("failed") <= 1
+        assert queue.get("before") is not None
+    finally:
+        queue.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bench.postgres import PostgresCluster
 from soupflow.store.postgres import PostgresQueue
 from soupflow.store.queue import (
     MAX_LEASE_EXPIRIES,
@@ -24,7 +25,6 @@ from soupflow.store.queue import (
 )
 from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 from tests import records
-from tests.postgres import PostgresCluster
 
 LEASE = 30.0
 T0 = 1_000_000.0

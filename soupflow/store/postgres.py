@@ -3,8 +3,10 @@
 Upstream: store.open_queue (`soupflow run --queue postgresql://...`). The verbs and their
 statements are the SQLite backend's (`store.sql`); what is PostgreSQL's own:
 
-- connections come from a psycopg pool (checked before use, so a restarted server costs
-  one failed statement, not a dead runtime); every change is one transaction;
+- connections come from a psycopg pool; every change is one transaction. A connection the
+  server dropped (a restart, a failover) fails the one statement that meets it and is
+  replaced (the caller's usual retry applies: a sender hears a failure status, a worker
+  tries again); checking each connection before use would cost a round trip per commit;
 - a lease is `UPDATE ... WHERE request_id = (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`:
   concurrent workers on any node skip each other's rows and never share a message;
 - a transaction that makes messages ready sends `NOTIFY soupflow_queued`; `watch` listens
@@ -164,7 +166,6 @@ class PostgresQueue(SqlQueue):
                 min_size=1,
                 max_size=pool_size,
                 kwargs={"autocommit": True, "row_factory": dict_row},
-                check=ConnectionPool.check_connection,
                 name="soupflow-queue",
                 open=False,
             )

@@ -1,7 +1,9 @@
-"""A real PostgreSQL server for the tests: Debian's `pg_virtualenv` makes a throwaway
-cluster (its own port, its own password) that lives as long as the command it runs; here
-that command waits on its standard input, so the cluster lives until `close`. Each test
-gets a schema of its own in it (`database`), so tests never see each other's tables."""
+"""A real PostgreSQL server for tests and benchmarks: Debian's `pg_virtualenv` makes a
+throwaway cluster (its own port, its own password) that lives as long as the command it
+runs; here that command waits on its standard input, so the cluster lives until `close`.
+Each user gets a schema of its own in it (`database`), so they never see each other's
+tables. pg_virtualenv turns fsync off; `settings` (such as `fsync=on`, for benchmarks that
+compare durable commits) are passed to the cluster."""
 
 from __future__ import annotations
 
@@ -15,22 +17,27 @@ from urllib.parse import quote
 
 import psycopg
 
-from tests.dicom import unavailable
-
 _START_SECONDS = 60.0
 # The command pg_virtualenv runs: print where the cluster is, then wait for stdin to close.
 _REPORT = 'echo "postgresql://$PGUSER:$PGPASSWORD@$PGHOST:$PGPORT/$PGDATABASE"; exec cat >/dev/null'
 
 
+class UnavailableError(Exception):
+    """PostgreSQL cannot be started here (the reason says why)."""
+
+
 class PostgresCluster:
-    def __init__(self) -> None:
+    def __init__(self, *settings: str) -> None:
         program = shutil.which("pg_virtualenv")
         if program is None:
-            unavailable("PostgreSQL is not installed (make test installs postgresql as root)")
+            raise UnavailableError(
+                "PostgreSQL is not installed (make test installs postgresql as root)"
+            )
         if os.geteuid() != 0 and shutil.which("pg_ctlcluster") is None:
-            unavailable("pg_virtualenv needs root or postgresql-common here")
+            raise UnavailableError("pg_virtualenv needs root or postgresql-common here")
+        options = [part for setting in settings for part in ("-o", setting)]
         self.process = subprocess.Popen(
-            [program, "sh", "-c", _REPORT],
+            [program, *options, "sh", "-c", _REPORT],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
