@@ -50,6 +50,7 @@ bench: $(STAMP) peers
 	$(BIN)/python -m bench.tls --runs 2
 	$(BIN)/python -m bench.stow --runs 2
 	$(BIN)/python -m bench.metrics --runs 2
+	$(BIN)/python -m bench.queue --runs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
