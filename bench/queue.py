@@ -2,7 +2,7 @@
 
     python -m bench.queue [--runs N] [--smoke]
 
-PostgreSQL is a throwaway cluster (pg_virtualenv) with `fsync=on`, so that both backends
+PostgreSQL is a throwaway cluster (bench.postgres) with `fsync=on`, so that both backends
 make each acknowledgement durable; each run gets a schema of its own. Reported:
 
 - ingest: dcmtk's storescu (TCP_NODELAY=1) sends CT-sized instances over one association

@@ -28,7 +28,7 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    """One throwaway PostgreSQL cluster for the whole run (pg_virtualenv)."""
+    """One throwaway PostgreSQL cluster for the whole run (per test worker)."""
     try:
         cluster = PostgresCluster()
     except UnavailableError as exc:

@@ -1,5 +1,5 @@
 """Three `soupflow run` nodes as one router, with real parts on loopback: one PostgreSQL
-queue (pg_virtualenv), one shared objects folder, haproxy in TCP mode in front (health check
+queue (a throwaway cluster), one shared objects folder, haproxy in TCP mode in front (health check
 on each node's `/readyz`), dcmtk's storescu sending over four associations, and a loopback
 HTTP sink that records which node called it and when. One node is killed with SIGKILL mid-
 receive and another mid-activity; both are started again."""

@@ -1,5 +1,5 @@
 """What the PostgreSQL backend adds to the queue contract, against a real server
-(pg_virtualenv): durability refused when off, notifications, nodes migrating at once, clear
+(a throwaway cluster, bench/postgres.py): durability refused when off, notifications, nodes migrating at once, clear
 errors that never show the password, and `soupflow run`, `status` and `dead` on it."""
 
 from __future__ import annotations
