@@ -39,8 +39,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/soupflow schema --check
 
+# Tests run in TEST_WORKERS processes (pytest-xdist; each test still owns its ports and
+# folders, each worker its own PostgreSQL cluster). TEST_WORKERS=0 runs them in this one.
+TEST_WORKERS ?= 2
 test: lint peers
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # Speed measured side by side with a baseline in one run (see BENCHMARKS.md).
 bench: $(STAMP) peers

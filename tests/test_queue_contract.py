@@ -273,7 +273,7 @@ def test_a_message_whose_lease_expired_three_times_is_dead(queue: Queue) -> None
         [message] = queue.expire_leases(now)
         assert message.lease_expiries == expiry
     assert message.state == State.DEAD
-    assert message.reason is not None and "stopped or hung 3 times" in message.reason
+    assert message.reason is not None and "its worker was lost 3 times" in message.reason
     assert queue.lease("worker-1", now, LEASE) is None
     assert queue.revive(["request-001"], None, now) == 1
     revived = queue.get("request-001")

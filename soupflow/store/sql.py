@@ -64,8 +64,8 @@ _RECORD_OUTCOME = (
     "succeeded = excluded.succeeded, detail = excluded.detail, at = excluded.at"
 )
 LEASES_EXPIRED_REASON = (
-    f"its worker stopped or hung {MAX_LEASE_EXPIRIES} times while processing it "
-    "(a step that crashes or never returns?)"
+    f"its worker was lost {MAX_LEASE_EXPIRIES} times while processing it (it stopped or hung: "
+    "a step that crashes or never returns?)"
 )
 Row = Mapping[str, Any]
 
