@@ -83,8 +83,9 @@ def test_an_enqueue_on_one_node_wakes_the_workers_of_another(
         delivering.close()
 
 
+@pytest.mark.parametrize("processes", ["0", "1"], ids=["worker threads", "a worker process"])
 def test_soupflow_run_receives_into_postgresql_and_status_and_dead_read_it(
-    tmp_path: Path, postgres_cluster: PostgresCluster
+    tmp_path: Path, postgres_cluster: PostgresCluster, processes: str
 ) -> None:
     url = postgres_cluster.database()
     workflows, data, objects = tmp_path / "workflows", tmp_path / "data", tmp_path / "shared"
@@ -98,7 +99,16 @@ def test_soupflow_run_receives_into_postgresql_and_status_and_dead_read_it(
         ),
     )
     runtime = RuntimeProcess(
-        workflows, data, "--queue", url, "--objects", str(objects), "--node-id", "node-a"
+        workflows,
+        data,
+        "--queue",
+        url,
+        "--objects",
+        str(objects),
+        "--node-id",
+        "node-a",
+        "--processes",
+        processes,
     )
     assert (objects / "incoming" / "node-a").is_dir()  # this node's own incoming folder
     assert not (data / "queue.sqlite3").exists()
