@@ -177,6 +177,29 @@ def _lease_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _admin_tls(args: argparse.Namespace) -> tls.ServerContexts | None:
+    """The admin endpoint's HTTPS, from the --admin-certificate options (ValueError: why not)."""
+    if not args.admin_certificate:
+        if args.admin_private_key or args.admin_trusted_certificates:
+            raise ValueError(
+                "--admin-private-key and --admin-trusted-certificates need --admin-certificate"
+            )
+        return None
+    trusted = Path(args.admin_trusted_certificates) if args.admin_trusted_certificates else None
+    settings = tls.ServerTls(
+        certificate_file=Path(args.admin_certificate).resolve(),
+        private_key_file=Path(args.admin_private_key or args.admin_certificate).resolve(),
+        private_key_password=tls.secret(args.admin_private_key_password),
+        trusted_certificates_file=trusted.resolve() if trusted else None,
+        require_client_certificate=trusted is not None,
+        allowed_fingerprints=frozenset(),
+    )
+    try:
+        return tls.ServerContexts(settings)
+    except tls.TlsError as exc:
+        raise ValueError(f"the admin endpoint's TLS: {exc}") from None
+
+
 def _storage(args: argparse.Namespace) -> Storage:
     return Storage(args.data, args.queue, args.objects)
 
@@ -231,6 +254,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--admin on {admin[0]} (not loopback) needs --admin-token or SOUPFLOW_ADMIN_TOKEN"
             )
+        admin_tls = _admin_tls(args)
     except ValueError as exc:
         raise SystemExit(f"soupflow: {exc}") from None
     json_lines = args.log_format == "json"
@@ -247,6 +271,7 @@ def _run(args: argparse.Namespace) -> int:
         admin=admin,
         admin_token=args.admin_token,
         storage=_storage(args),
+        admin_tls=admin_tls,
         node=args.node_id,
         lease_seconds=args.lease_seconds,
         retention_days=args.retention_days,
@@ -734,6 +759,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bearer token the admin endpoint requires (needed off loopback; env "
         "SOUPFLOW_ADMIN_TOKEN)",
     )
+    for option, env, text in (
+        (
+            "--admin-certificate",
+            "SOUPFLOW_ADMIN_CERTIFICATE",
+            "the admin endpoint speaks HTTPS only, with this certificate (PEM, its chain after it)",
+        ),
+        (
+            "--admin-private-key",
+            "SOUPFLOW_ADMIN_PRIVATE_KEY",
+            "its private key (PEM; default: in the certificate file)",
+        ),
+        (
+            "--admin-private-key-password",
+            "SOUPFLOW_ADMIN_PRIVATE_KEY_PASSWORD",
+            "the key's password (${env:NAME} allowed)",
+        ),
+        (
+            "--admin-trusted-certificates",
+            "SOUPFLOW_ADMIN_TRUSTED_CERTIFICATES",
+            "CA certificates (PEM): clients of the admin endpoint must present one they signed",
+        ),
+    ):
+        runner.add_argument(
+            option, default=os.environ.get(env, ""), metavar="FILE", help=f"{text} (env {env})"
+        )
     _storage_options(runner)
     runner.add_argument(
         "--node-id",

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
-from tests.dicom import RuntimeProcess, associate, sample_file, storescu_send, wait_for
+from tests.certs import Pki
+from tests.dicom import RuntimeProcess, associate, sample_file, soupflow, storescu_send, wait_for
 from tests.documents import RECEIVER_ID
 from tests.http_peer import HttpPeer
 
@@ -130,3 +134,45 @@ def test_readyz_is_503_naming_a_listener_that_cannot_bind(tmp_path: Path) -> Non
             assert "busy.json" in problem and "failed" in problem and "already in use" in problem
         finally:
             assert runtime.terminate() == 0
+
+
+def test_the_admin_endpoint_speaks_https_with_a_certificate_and_can_require_clients(
+    tmp_path: Path, pki: Pki
+) -> None:
+    workflows, data = tmp_path / "workflows", tmp_path / "data"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0, AcceptedCallingAETs="*"))
+    runtime = RuntimeProcess(
+        workflows,
+        data,
+        "--admin-certificate", str(pki.server.certificate),
+        "--admin-private-key", str(pki.server.key),
+        "--admin-trusted-certificates", str(pki.ca.path),
+    )  # fmt: skip
+    url = admin_url(data)
+    assert url.startswith("https://127.0.0.1:")
+    trusted = ssl.create_default_context(cafile=str(pki.ca.path))
+    trusted.load_cert_chain(str(pki.client.certificate), str(pki.client.key))
+    with httpx.Client(verify=trusted) as client:
+        assert client.get(url + "healthz").status_code == 200
+        assert "soupflow_build_info" in client.get(url + "metrics").text
+    anonymous = ssl.create_default_context(cafile=str(pki.ca.path))  # no client certificate
+    with httpx.Client(verify=anonymous) as client, pytest.raises(httpx.TransportError):
+        client.get(url + "healthz")
+    with httpx.Client() as client, pytest.raises(httpx.TransportError):  # cleartext HTTP
+        client.get(url.replace("https://", "http://") + "healthz")
+    assert "TLS handshake" in runtime.log_text()
+    runtime.terminate()
+
+
+def test_a_bad_admin_certificate_stops_the_start_with_the_reason(tmp_path: Path) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    result = soupflow(
+        "run", "--workflows", str(workflows), "--data", str(tmp_path / "data"),
+        "--admin-certificate", str(broken),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "admin endpoint's TLS" in result.stderr and str(broken) in result.stderr

@@ -63,8 +63,11 @@ class AdminServer:
         readiness: Readiness,
         storage: Storage,
         workflows: Path | None = None,
+        secure: tls.ServerContexts | None = None,
     ) -> None:
+        """`secure`: the endpoint speaks HTTPS only (`--admin-certificate`, ...)."""
         self.token = token
+        self.scheme = "https" if secure is not None else "http"
         self.readiness = readiness
         self.storage = storage
         self.data = storage.data
@@ -76,13 +79,14 @@ class AdminServer:
             Limits(_TIMEOUT_SECONDS, _MAX_CONNECTIONS),
             self._serve,
             _close,
+            secure,
         )
 
     @property
     def url(self) -> str:
         host = self._server.host
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self._server.port}/"
+        return f"{self.scheme}://{shown}:{self._server.port}/"
 
     def start(self) -> None:
         self._server.start()

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from soupflow import metrics
+from soupflow import metrics, tls
 from soupflow.activities.dicom_sender import destination
 from soupflow.dicom.requestor import Destination
 from soupflow.ingest import Ingest
@@ -75,6 +75,7 @@ class Runtime:
         admin: tuple[str, int] | None = None,
         admin_token: str = "",
         storage: Storage | None = None,
+        admin_tls: tls.ServerContexts | None = None,
         node: str = "",
         lease_seconds: float = LEASE_SECONDS,
         retention_days: float = RETENTION_DAYS,
@@ -84,6 +85,7 @@ class Runtime:
         `storage`: the queue and objects folder when they are not the data folder's own
         (`--queue`, `--objects`); `node`: this node's name in leases (`--node-id`)."""
         self.storage = storage or Storage(data)
+        self.admin_tls = admin_tls
         self.lease_seconds = lease_seconds
         self.retention_days = retention_days
         self.workflows_folder = workflows
@@ -169,7 +171,13 @@ class Runtime:
             return
         host, port = self.admin_address
         admin = AdminServer(
-            host, port, self.admin_token, self.readiness, self.storage, self.workflows_folder
+            host,
+            port,
+            self.admin_token,
+            self.readiness,
+            self.storage,
+            self.workflows_folder,
+            self.admin_tls,
         )
         try:
             admin.start()
