@@ -82,16 +82,23 @@ class PostgresCluster:
                 *settings,
             )
         )
-        self._pg_ctl = binaries / "pg_ctl"
+        self._pg_ctl, self._options = binaries / "pg_ctl", options
+        self.start()
+        self.url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+
+    def start(self) -> None:
         self._run(
             self._pg_ctl,
             "-D", str(self.data),
             "-l", str(self.folder / "server.log"),
-            "-o", options,
+            "-o", self._options,
             "-w", "-t", str(_START_SECONDS),
             "start",
         )  # fmt: skip
-        self.url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+
+    def stop(self) -> None:
+        """Stop the server at once (its clients' connections break), keeping its data."""
+        self._run(self._pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def _run(self, program: Path, *arguments: str) -> None:
         result = subprocess.run(
@@ -122,6 +129,6 @@ class PostgresCluster:
     def close(self) -> None:
         """Stop the server at once and delete its folder."""
         try:
-            self._run(self._pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self.stop()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -5,17 +5,26 @@ errors that never show the password, and `soupflow run`, `status` and `dead` on 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from bench.postgres import PostgresCluster
+from bench.postgres import PostgresCluster, UnavailableError
 from soupflow.store.postgres import SCHEMA_VERSION, PostgresQueue
 from soupflow.store.queue import QueueError
 from tests import documents, records
-from tests.dicom import RuntimeProcess, sample_file, soupflow, storescu_send, wait_for
+from tests.dicom import (
+    RuntimeProcess,
+    sample_file,
+    soupflow,
+    storescu_send,
+    unavailable,
+    wait_for,
+)
+from tests.test_metrics import admin_url, get
 
 
 def test_a_server_with_synchronous_commit_off_is_refused(postgres_cluster: PostgresCluster) -> None:
@@ -170,3 +179,39 @@ def test_connections_the_server_dropped_are_replaced(postgres_cluster: PostgresC
         assert queue.get("before") is not None
     finally:
         queue.close()
+
+
+def test_while_postgresql_is_down_stores_are_refused_and_readyz_says_why(tmp_path: Path) -> None:
+    """Nothing is acknowledged that is not queued: a store while the server is down gets a
+    failure status (the sender keeps its copy), `/readyz` is 503 so that a load balancer
+    sends elsewhere, and both recover without a restart once the server is back."""
+    try:
+        cluster = PostgresCluster()  # its own: this test stops it
+    except UnavailableError as exc:
+        unavailable(str(exc))
+    try:
+        workflows, data = tmp_path / "workflows", tmp_path / "data"
+        workflows.mkdir()
+        documents.write(
+            workflows / "intake.json", documents.workflow(Port=0, AcceptedCallingAETs="*")
+        )
+        runtime = RuntimeProcess(workflows, data, "--queue", cluster.url, "--workers", "0")
+        ready = admin_url(data) + "readyz"
+        assert get(ready)[0] == 200
+        cluster.stop()
+        _, body = wait_for(lambda: (r := get(ready))[0] == 503 and r, "/readyz 503")
+        assert "queue cannot be written" in body
+        with pytest.raises(subprocess.CalledProcessError):
+            storescu_send(runtime.port, sample_file("CT_small.dcm"))
+        assert "answered 0xA700" in runtime.log_text()
+        cluster.start()
+        wait_for(lambda: get(ready)[0] == 200, "/readyz 200 again")
+        storescu_send(runtime.port, sample_file("CT_small.dcm"))  # raises unless Success
+        queue = PostgresQueue(cluster.url)
+        try:
+            assert len(queue.messages()) == 1  # the refused store left nothing behind
+        finally:
+            queue.close()
+        runtime.terminate()
+    finally:
+        cluster.close()

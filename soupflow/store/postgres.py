@@ -165,9 +165,14 @@ class PostgresQueue(SqlQueue):
                 url,
                 min_size=1,
                 max_size=pool_size,
-                kwargs={"autocommit": True, "row_factory": dict_row},
+                kwargs={
+                    "autocommit": True,
+                    "row_factory": dict_row,
+                    "connect_timeout": int(_CONNECT_SECONDS / 2),
+                },
                 name="soupflow-queue",
                 open=False,
+                timeout=_CONNECT_SECONDS / 2,  # a server that is down fails a store in seconds
             )
             self._pool.open(wait=True, timeout=_CONNECT_SECONDS)
         except psycopg.Error as exc:
