@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import ssl
 import urllib.error
 import urllib.request
@@ -134,6 +135,27 @@ def test_readyz_is_503_naming_a_listener_that_cannot_bind(tmp_path: Path) -> Non
             assert "busy.json" in problem and "failed" in problem and "already in use" in problem
         finally:
             assert runtime.terminate() == 0
+
+
+def test_readyz_is_503_while_another_process_holds_the_queue_locked(tmp_path: Path) -> None:
+    workflows, data = tmp_path / "workflows", tmp_path / "data"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))
+    runtime = RuntimeProcess(workflows, data, "--workers", "0")
+    url = admin_url(data) + "readyz"
+    assert get(url)[0] == 200
+    holder = sqlite3.connect(data / "queue.sqlite3", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # what a stuck `soupflow dead retry` would hold
+        code, body = get(url)
+        assert code == 503
+        [problem] = json.loads(body)["problems"]
+        assert "queue cannot be written" in problem and "locked" in problem
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert get(url)[0] == 200
+    assert runtime.terminate() == 0
 
 
 def test_the_admin_endpoint_speaks_https_with_a_certificate_and_can_require_clients(
