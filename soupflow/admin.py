@@ -39,11 +39,8 @@ def status(
 ) -> list[WorkflowStatus]:
     moment = time.time() if now is None else now
     rows = listeners_file.read(storage.data)
-    queue = storage.open_queue(read_only=True)
-    try:
+    with storage.using(read_only=True) as queue:
         counts = {entry.workflow_id: entry for entry in queue.counts()}
-    finally:
-        queue.close()
     found: list[WorkflowStatus] = []
     seen: set[str] = set()
     for row in rows:
@@ -130,8 +127,7 @@ def dead_messages(
     workflows: Path | None = None,
 ) -> list[DeadMessage]:
     names = _names(workflows)
-    queue = storage.open_queue(read_only=True)
-    try:
+    with storage.using(read_only=True) as queue:
         messages = [
             m
             for m in queue.messages(State.DEAD, workflow_id, limit=100_000)
@@ -141,8 +137,6 @@ def dead_messages(
             _dead(message, queue.activity_outcomes(message.request_id), names)
             for message in messages
         ]
-    finally:
-        queue.close()
 
 
 def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, str]) -> DeadMessage:
@@ -163,20 +157,14 @@ def _dead(message: Message, outcomes: list[ActivityOutcome], names: dict[str, st
 
 
 def retry_dead(storage: Storage, request_ids: list[str] | None, workflow_id: str | None) -> int:
-    queue = storage.open_queue(create=False)
-    try:
+    with storage.using(create=False) as queue:
         return queue.revive(request_ids, workflow_id, time.time())
-    finally:
-        queue.close()
 
 
 def purge_dead(storage: Storage, request_ids: list[str] | None, workflow_id: str | None) -> int:
-    queue = storage.open_queue(create=False)
     spool = storage.spool()
-    try:
+    with storage.using(create=False) as queue:
         purged = queue.purge(request_ids, workflow_id)
-    finally:
-        queue.close()
     for message in purged:
         spool.remove(message.request_id)
     return len(purged)

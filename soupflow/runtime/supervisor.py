@@ -11,6 +11,7 @@ a workflow that was deleted still complete with its last version.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -175,7 +176,7 @@ class Runtime:
             port,
             self.admin_token,
             self.readiness,
-            self.storage,
+            dataclasses.replace(self.storage, lent=self.queue),  # no queue opened per request
             self.workflows_folder,
             self.admin_tls,
         )

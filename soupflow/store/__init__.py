@@ -9,7 +9,9 @@ postgres  the shared backend: a PostgreSQL database several nodes use at once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from soupflow.store.postgres import PostgresQueue, is_url
@@ -53,9 +55,24 @@ class Storage:
     data: Path
     queue: str = ""
     objects: Path | None = None
+    # A queue already open (the runtime's), lent to operators' requests instead of a new one
+    # each time (with PostgreSQL, a connection and a pool per dashboard refresh).
+    lent: Queue | None = field(default=None, compare=False, repr=False)
 
     def open_queue(self, *, create: bool = True, read_only: bool = False) -> Queue:
         return open_queue(self.data, self.queue, create=create, read_only=read_only)
+
+    @contextmanager
+    def using(self, *, create: bool = True, read_only: bool = False) -> Iterator[Queue]:
+        """The lent queue, else one opened for the block and closed after it."""
+        if self.lent is not None:
+            yield self.lent
+            return
+        queue = self.open_queue(create=create, read_only=read_only)
+        try:
+            yield queue
+        finally:
+            queue.close()
 
     def spool(self, node: str = "") -> Spool:
         """The spool; `node` names this node's incoming folder in a shared objects folder."""
