@@ -81,6 +81,14 @@ class Ingest:
             metrics.REFUSED.labels(workflow_id, f"0x{code:04X}").inc()
         return code
 
+    def _committed(self, request_id: str) -> bool | None:
+        """Whether a failed enqueue's entry exists after all (a shared server can commit and
+        lose the connection before it says so); None when the queue cannot tell now."""
+        try:
+            return self.queue.get(request_id) is not None
+        except QueueError:
+            return None
+
     def _store(
         self,
         workflow_id: str,
@@ -132,15 +140,22 @@ class Ingest:
         try:
             enqueued = self.queue.enqueue(arrival, dedupe_seconds, delivery)
         except QueueError as exc:
-            self.spool.remove(request_id)
-            log.error(
-                "cannot queue SOPInstanceUID %s (RequestId %s): %s; answered %s",
-                sop_instance_uid,
-                request_id,
-                exc,
-                status.describe(status.OUT_OF_RESOURCES),
+            committed = self._committed(request_id)
+            if not committed:
+                log.error(
+                    "cannot queue SOPInstanceUID %s (RequestId %s): %s; answered %s",
+                    sop_instance_uid,
+                    request_id,
+                    exc,
+                    status.describe(status.OUT_OF_RESOURCES),
+                )
+                if committed is False:  # else the sweep removes it if no entry names it
+                    self.spool.remove(request_id)
+                return status.OUT_OF_RESOURCES
+            log.warning(  # a server's reply lost after its commit: the message is queued
+                "queueing RequestId %s reported %s, but its entry is committed", request_id, exc
             )
-            return status.OUT_OF_RESOURCES
+            enqueued = True
         if not enqueued:
             self.spool.remove(request_id)
             log.info(

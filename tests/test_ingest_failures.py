@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -12,18 +13,23 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
 
 from bench.scu import associate_request, read_pdu
+from soupflow.dicom.acceptor import ReceivedObject
 from soupflow.dicom.status import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
     SUCCESS,
 )
-from soupflow.store.sqlite import DATABASE_FILE
+from soupflow.ingest import Ingest
+from soupflow.store.queue import Arrival, Origin, QueueError
+from soupflow.store.spool import Spool
+from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
 from tests.dicom import (
     DEADLINE_SECONDS,
     Receiving,
@@ -315,3 +321,50 @@ def test_status_and_dead_list_work_on_a_full_disk(tmp_path: Path) -> None:
         assert row["counts"]["queued"] == 1
         listed = soupflow("dead", "list", "--data", str(data))
         assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+
+
+class _LostReply(SqliteQueue):
+    """The queue commits, then the reply is lost (a shared server's connection dropped)."""
+
+    def enqueue(self, arrival: Arrival, dedupe_seconds: float = 0, delivery: Any = None) -> bool:
+        super().enqueue(arrival, dedupe_seconds, delivery)
+        raise QueueError("server closed the connection unexpectedly")
+
+
+class _Refused(SqliteQueue):
+    """The queue refuses the write (nothing committed)."""
+
+    def enqueue(self, arrival: Arrival, dedupe_seconds: float = 0, delivery: Any = None) -> bool:
+        raise QueueError("database is locked")
+
+
+@pytest.mark.parametrize(
+    ("queue_class", "expected", "kept"),
+    [(_LostReply, SUCCESS, True), (_Refused, OUT_OF_RESOURCES, False)],
+    ids=["committed, reply lost", "not committed"],
+)
+def test_a_failed_enqueue_is_answered_by_what_the_queue_holds(
+    tmp_path: Path, queue_class: type[SqliteQueue], expected: int, kept: bool
+) -> None:
+    data = tmp_path / "data"
+    spool, queue = Spool(data), queue_class(data)
+    spool.clear_incoming()
+    incoming = spool.incoming / "received.dcm"
+    shutil.copyfile(CT, incoming)
+    dataset = dcmread(CT, stop_before_pixels=True)
+    received = ReceivedObject(
+        path=incoming,
+        sop_class_uid=str(dataset.SOPClassUID),
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        transfer_syntax_uid=EXPLICIT,
+    )
+    origin = Origin(peer_address="127.0.0.1", peer_port=4000, calling_aet="MODALITY01")
+    try:
+        assert Ingest(spool, queue).store("workflow-1", origin, received) == expected
+        messages = queue.messages()
+        assert len(messages) == (1 if kept else 0)
+        assert list(spool.root.glob("??/*.dcm")) == (
+            [spool.root / messages[0].arrival.object_path] if kept else []
+        )
+    finally:
+        queue.close()
