@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
@@ -215,3 +216,33 @@ def test_while_postgresql_is_down_stores_are_refused_and_readyz_says_why(tmp_pat
         runtime.terminate()
     finally:
         cluster.close()
+
+
+def test_one_instance_arriving_at_two_nodes_at_once_is_queued_once(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    url = postgres_cluster.database()
+    nodes = [PostgresQueue(url), PostgresQueue(url)]
+    start = threading.Barrier(2)
+    queued: list[bool] = []
+
+    def receive(node: int) -> None:
+        for number in range(40):  # each round: both nodes get the same instance together
+            start.wait(timeout=30)
+            arrival = records.arrival(
+                request_id=f"n{node}-{number}", sop_instance_uid=f"1.2.{number}"
+            )
+            queued.append(nodes[node].enqueue(arrival, dedupe_seconds=60))
+
+    threads = [threading.Thread(target=receive, args=(n,)) for n in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        per_instance = Counter(m.arrival.sop_instance_uid for m in nodes[0].messages())
+        assert set(per_instance.values()) == {1} and len(per_instance) == 40
+        assert queued.count(True) == 40
+    finally:
+        for queue in nodes:
+            queue.close()

@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from soupflow.store.queue import Message, QueueError, State
-from soupflow.store.sql import Connection, Cursor, Row, SqlQueue, execute_script
+from soupflow.store.sql import ROW_WINDOW_START, Connection, Cursor, Row, SqlQueue, execute_script
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,14 @@ class PostgresQueue(SqlQueue):
             if message is not None or not self._read(_ANY_READY, (State.QUEUED.value, now)):
                 return message
         return None
+
+    def _insert(self, db: Connection, row: tuple[Any, ...]) -> bool:
+        """With a deduplication window, two nodes receiving one instance at the same moment
+        would each see no earlier arrival (READ COMMITTED): a transaction-level advisory
+        lock on (workflow, SOPInstanceUID) makes the second wait for the first and see it."""
+        if row[ROW_WINDOW_START] != float("inf"):
+            db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"{row[1]}\n{row[5]}",))
+        return super()._insert(db, row)
 
     def _queued(self, db: Connection) -> None:
         db.execute(f"NOTIFY {CHANNEL}")

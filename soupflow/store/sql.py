@@ -48,6 +48,9 @@ ORIGIN_COLUMNS = (
     "details",
 )
 _COLUMNS = (*ARRIVAL_COLUMNS, *ORIGIN_COLUMNS)
+# An arrival row: the columns, state, next_attempt_at, updated_at, then the deduplication
+# check's workflow, SOPInstanceUID and window start (inf: no window).
+ROW_WINDOW_START = len(_COLUMNS) + 5
 _INSERT_ARRIVAL = (
     f"INSERT INTO messages ({', '.join(_COLUMNS)}, state, next_attempt_at, updated_at) "
     f"SELECT {', '.join('?' for _ in _COLUMNS)}, ?, ?, ? WHERE NOT EXISTS ("
@@ -116,6 +119,11 @@ class SqlQueue:
 
     def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[Row]:
         raise NotImplementedError
+
+    def _insert(self, db: Connection, row: tuple[Any, ...]) -> bool:
+        """Insert one arrival row (`_insert`); a backend shared by several processes first
+        serialises the arrivals of one instance that a deduplication window compares."""
+        return _insert(db, row)
 
     def _queued(self, db: Connection) -> None:
         """Called in a transaction that made messages ready: a backend shared by several
@@ -217,7 +225,7 @@ class SqlQueue:
         try:
             with self._write() as db:
                 batch.duplicates = {
-                    index for index, row in enumerate(batch.rows) if not _insert(db, row)
+                    index for index, row in enumerate(batch.rows) if not self._insert(db, row)
                 }
                 self._queued(db)
             return
@@ -228,7 +236,7 @@ class SqlQueue:
         for index, row in enumerate(batch.rows):
             try:
                 with self._write() as db:
-                    if not _insert(db, row):
+                    if not self._insert(db, row):
                         batch.duplicates.add(index)
                     self._queued(db)
             except QueueError as exc:
