@@ -121,6 +121,11 @@ def test_soupflow_run_receives_into_postgresql_and_status_and_dead_read_it(
         processes,
     )
     assert (objects / "incoming" / "node-a").is_dir()  # this node's own incoming folder
+    password = url.split("@")[0].split(":")[2]
+    if processes == "1":  # the queue's URL reaches the worker process, not by its command line
+        child = wait_for(lambda: _children(runtime.process.pid), "the worker process")[0]
+        command = Path(f"/proc/{child}/cmdline").read_bytes().decode()
+        assert "work" in command and password not in command
     assert not (data / "queue.sqlite3").exists()
     storescu_send(runtime.port, sample_file("CT_small.dcm"))
 
@@ -246,3 +251,15 @@ def test_one_instance_arriving_at_two_nodes_at_once_is_queued_once(
     finally:
         for queue in nodes:
             queue.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # gone meanwhile
+            continue
+        if f"PPid:\t{pid}" in lines:
+            found.append(int(status.parent.name))
+    return found

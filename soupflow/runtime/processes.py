@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -123,9 +124,17 @@ class WorkerProcesses:
     """The runtime's worker processes: started, watched, started again, stopped."""
 
     def __init__(
-        self, count: int, command: Callable[[str], list[str]], queue: Queue, node: str
+        self,
+        count: int,
+        command: Callable[[str], list[str]],
+        queue: Queue,
+        node: str,
+        environment: dict[str, str] | None = None,
     ) -> None:
+        """`environment`: variables the children get besides ours (secrets such as the
+        queue's URL go there, not on a command line every local user can read)."""
         self.count = count
+        self.environment = {**os.environ, **(environment or {})}
         self.command = command  # boot -> the child's command line
         self.queue = queue
         self.node = node
@@ -143,7 +152,9 @@ class WorkerProcesses:
 
     def _spawn(self) -> None:
         boot = new_boot()
-        self._children[boot] = subprocess.Popen(self.command(boot))  # its lines go to ours
+        self._children[boot] = subprocess.Popen(
+            self.command(boot), env=self.environment
+        )  # its lines go to ours
         log.info("worker process %s started (pid %d)", boot, self._children[boot].pid)
 
     def _watch(self) -> None:

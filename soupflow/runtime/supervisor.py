@@ -161,7 +161,11 @@ class Runtime:
         self._start_admin()
         if self.processes and self.worker_count > 0:
             self.children = WorkerProcesses(
-                self.processes, self._work_command, self.queue, self.node
+                self.processes,
+                self._work_command,
+                self.queue,
+                self.node,
+                {"SOUPFLOW_QUEUE": self.storage.queue} if self.storage.queue else None,
             )
             self.children.start()
 
@@ -233,8 +237,6 @@ class Runtime:
             "--retention-days",
             str(self.retention_days),
         ]
-        if self.storage.queue:
-            command += ["--queue", self.storage.queue]
         if self.storage.objects is not None:
             command += ["--objects", str(self.storage.objects)]
         for entry in self.egress.tcp.entries:
