@@ -79,7 +79,7 @@ def test_an_enqueue_on_one_node_wakes_the_workers_of_another(
     receiving, delivering = PostgresQueue(url), PostgresQueue(url)
     woken = threading.Event()
     try:
-        delivering.watch(woken.set)
+        assert delivering.watch(woken.set)  # it can tell: its workers poll only as a fallback
         # the listener may not be listening yet: enqueue until a notification arrives (bounded)
         for number in range(50):
             receiving.enqueue(

@@ -55,6 +55,7 @@ RETENTION_DAYS = 7.0  # completed and filtered messages are kept this long (for 
 SWEEP_GRACE_SECONDS = 3600.0
 _HOUSEKEEPING_SECONDS = 300.0
 _IDLE_SECONDS = 0.2
+_NOTIFIED_IDLE_SECONDS = 1.0  # how often workers poll a queue that also notifies them
 _EXPIRE_EVERY_SECONDS = 5.0
 _UNLOADED_RETRY_SECONDS = 30.0
 
@@ -160,7 +161,10 @@ class Workers:
             thread.start()
             self._threads.append(thread)
         if self.count:
-            self.queue.watch(self.wake)  # messages other processes queue wake us too
+            if self.queue.watch(self.wake):  # messages other processes queue wake us too
+                # so polling is only the fallback (a worker process's 20 ms poll would cost
+                # a shared server two statements per idle worker 50 times a second)
+                self.idle_seconds = max(self.idle_seconds, _NOTIFIED_IDLE_SECONDS)
             for target, name in (
                 (self._renew_loop, "soupflow-leases"),
                 (self._housekeeping_loop, "soupflow-housekeeping"),

@@ -272,13 +272,14 @@ class PostgresQueue(SqlQueue):
     def _queued(self, db: Connection) -> None:
         db.execute(f"NOTIFY {CHANNEL}")
 
-    def watch(self, wake: Callable[[], None]) -> None:
+    def watch(self, wake: Callable[[], None]) -> bool:
         self._wakers.append(wake)
         if self._listener is None:
             self._listener = threading.Thread(
                 target=self._listen, name="soupflow-queue-notify", daemon=True
             )
             self._listener.start()
+        return True
 
     def _listen(self) -> None:
         """LISTEN on a connection of its own; reconnect (every 2 s) when it drops."""

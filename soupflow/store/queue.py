@@ -211,8 +211,8 @@ class Queue(Protocol):
         """Delete up to `limit` completed and filtered messages last changed before `before`
         (the retention period); returns how many."""
 
-    def watch(self, wake: Callable[[], None]) -> None:
+    def watch(self, wake: Callable[[], None]) -> bool:
         """Call `wake` when another process made a message ready, where the backend can tell
-        (a shared server's notifications); otherwise workers find it by polling."""
+        (a shared server's notifications): True then; False when workers must poll."""
 
     def close(self) -> None: ...

@@ -129,9 +129,10 @@ class SqlQueue:
         """Called in a transaction that made messages ready: a backend shared by several
         processes tells them (PostgreSQL: NOTIFY)."""
 
-    def watch(self, wake: Callable[[], None]) -> None:
+    def watch(self, wake: Callable[[], None]) -> bool:
         """Call `wake` when another process made a message ready, where the backend can tell
         (SQLite cannot: its workers poll)."""
+        return False
 
     # ---------------------------------------------------------------------------- queue
     @staticmethod
