@@ -31,10 +31,10 @@ IMPLEMENTATION_VERSION_NAME = "SOUPFLOW_0_1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
+LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 )
-_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
+SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
 _MAX_NESTING = 32
 _SOP_CLASS_UID = (0x0008, 0x0016)
 _SOP_INSTANCE_UID = (0x0008, 0x0018)
@@ -93,7 +93,7 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
@@ -117,7 +117,7 @@ def dataset_offset(head: bytes) -> int:
     offset = 132
     while head[offset : offset + 2] == b"\x02\x00":
         vr = head[offset + 4 : offset + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             (length,) = struct.unpack_from("<I", head, offset + 8)
             offset += 12 + length
         else:
@@ -126,6 +126,25 @@ def dataset_offset(head: bytes) -> int:
     if offset > len(head):
         raise MalformedObjectError("the file meta group runs past the file's first bytes")
     return offset
+
+
+def meta_end(view: mmap.mmap) -> tuple[int, str] | None:
+    """(where the dataset starts, the transfer syntax) of a Part 10 object mapped in `view`,
+    or None when its prefix or file meta group is not plainly well-formed."""
+    if view[128:132] != b"DICM":
+        return None
+    offset, transfer_syntax = 132, None
+    try:
+        while view[offset : offset + 2] == b"\x02\x00":
+            _, element, length, value_at = _Walk._header(view, offset, implicit=False, endian="<")
+            if element == 0x0010:
+                transfer_syntax = uid_text(view[value_at : value_at + length])
+            offset = value_at + length
+    except (_UnclearError, struct.error):
+        return None
+    if transfer_syntax is None or offset > len(view):
+        return None
+    return offset, transfer_syntax
 
 
 def identify(path: Path) -> tuple[str, str]:
@@ -162,9 +181,10 @@ class _Walk:
             self.path.open("rb") as file,
             mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view,
         ):
-            if view[128:132] != b"DICM":
+            found = meta_end(view)
+            if found is None:
                 raise _UnclearError
-            offset, transfer_syntax = self._meta(view)
+            offset, transfer_syntax = found
             if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
                 implicit, endian = True, "<"
             elif transfer_syntax == EXPLICIT_VR_BIG_ENDIAN:
@@ -178,17 +198,6 @@ class _Walk:
                 raise _UnclearError
         return self.found.get(_SOP_CLASS_UID, ""), self.found.get(_SOP_INSTANCE_UID, "")
 
-    def _meta(self, view: mmap.mmap) -> tuple[int, str]:
-        offset, transfer_syntax = 132, None
-        while view[offset : offset + 2] == b"\x02\x00":
-            _, element, length, value_at = self._header(view, offset, implicit=False, endian="<")
-            if element == 0x0010:
-                transfer_syntax = uid_text(view[value_at : value_at + length])
-            offset = value_at + length
-        if transfer_syntax is None or offset > len(view):
-            raise _UnclearError
-        return offset, transfer_syntax
-
     @staticmethod
     def _header(
         view: mmap.mmap, offset: int, implicit: bool, endian: str
@@ -201,9 +210,9 @@ class _Walk:
         if group == 0xFFFE:  # item and delimiter tags have no VR
             (length,) = _LENGTH[endian].unpack_from(view, offset + 4)
             return group, element, length, offset + 8
-        if vr in _SHORT_VRS:
+        if vr in SHORT_VRS:
             return group, element, length, offset + 8
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             (length,) = _LENGTH[endian].unpack_from(view, offset + 8)
             return group, element, length, offset + 12
         raise _UnclearError

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from soupflow.dicom.part10 import MalformedObjectError, read_object
+from soupflow.message.raw import read_elements
 from soupflow.message.report import is_structured_report, report
 from soupflow.message.tags import dataset_tags
 from soupflow.message.values import Element, Notes, elements, text_of
@@ -27,6 +28,7 @@ from soupflow.store.queue import Arrival, Origin
 from soupflow.workflow.model import DicomMessageTypeOptions
 
 VERSION = 1
+CONTENT_SEQUENCE = 0x0040A730  # an SR's content tree: the Report node reads it through pydicom
 
 COMMON_FIELDS = (
     "PatientID",
@@ -129,24 +131,27 @@ def convert(path: Path, arrival: Arrival, options: Options) -> dict[str, Any]:
     """The DICOM message of the Part 10 object at `path`."""
     message: dict[str, Any] = {"Version": VERSION, "Association": _association(arrival)}
     notes = Notes()
-    try:
-        dataset = read_object(path)
-        found = list(elements(dataset, notes))
-    except (
-        MalformedObjectError,
-        Exception,
-    ) as exc:  # an unparseable object still becomes a message
-        message["Association"]["ParseError"] = (
-            str(exc) if isinstance(exc, MalformedObjectError) else type(exc).__name__
-        )
-        if options.common_fields:
-            message["CommonFields"] = dict.fromkeys(COMMON_FIELDS, "")
-        if options.tags:
-            message["Tags"] = {}
-        return message
+    found = read_elements(path)  # the plain objects, without pydicom
+    dataset = None
+    if found is None or (options.report and any(e.tag == CONTENT_SEQUENCE for e in found)):
+        try:
+            dataset = read_object(path)
+            found = list(elements(dataset, notes))
+        except (
+            MalformedObjectError,
+            Exception,
+        ) as exc:  # an unparseable object still becomes a message
+            message["Association"]["ParseError"] = (
+                str(exc) if isinstance(exc, MalformedObjectError) else type(exc).__name__
+            )
+            if options.common_fields:
+                message["CommonFields"] = dict.fromkeys(COMMON_FIELDS, "")
+            if options.tags:
+                message["Tags"] = {}
+            return message
     if options.common_fields:
         message["CommonFields"] = _common_fields({element.tag: element for element in found})
-    if options.report:
+    if options.report and dataset is not None:
         _add_report(dataset, message, notes)
     if options.tags:
         message["Tags"] = dataset_tags(found, notes, options.tags_format)

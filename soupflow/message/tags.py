@@ -14,7 +14,7 @@ from typing import Any
 
 from pydicom.datadict import keyword_for_tag
 
-from soupflow.message.values import Element, Notes, elements, tag_text, values_of
+from soupflow.message.values import Element, Notes, item_elements, tag_text, values_of
 
 _PERSON_NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
@@ -38,7 +38,7 @@ def _keyword_value(element: Element, notes: Notes) -> Any:
     if element.is_bulk:
         return {"BulkData": {"VR": element.vr, "Length": element.bulk_length}}
     if element.vr == "SQ":
-        return [keyword_tags(elements(item, notes), notes) for item in element.value or []]
+        return [keyword_tags(item_elements(item, notes), notes) for item in element.value or []]
     values = values_of(element)
     if not values:
         return ""
@@ -53,7 +53,7 @@ def dicom_json(found: Iterable[Element], notes: Notes) -> dict[str, Any]:
             pass
         elif element.vr == "SQ":
             entry["Value"] = [
-                dicom_json(elements(item, notes), notes) for item in element.value or []
+                dicom_json(item_elements(item, notes), notes) for item in element.value or []
             ]
         else:
             values = values_of(element)

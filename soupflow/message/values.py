@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,9 @@ class Element:
 
     tag: int
     vr: str
-    value: Any  # str | int | float | list | list[Dataset] (SQ) | PersonName...; None when bulk
+    # str | int | float | list | PersonName...; None when bulk; for SQ a list of items, each
+    # a Dataset (read by pydicom) or its elements (read by message.raw)
+    value: Any
     bulk_length: int | None = None  # set for bulk data (None length when undefined)
     is_bulk: bool = False
 
@@ -85,10 +87,13 @@ def elements(dataset: Dataset, notes: Notes) -> Iterator[Element]:
             deferred = item.value is None and item.length not in (0, UNDEFINED_LENGTH)
             if item.tag in PIXEL_TAGS or declared in BULK_VRS or (declared is None and deferred):
                 length = None if item.length == UNDEFINED_LENGTH else int(item.length)
-                yield Element(int(item.tag), _bulk_vr(declared), None, length, is_bulk=True)
+                yield Element(int(item.tag), bulk_vr(declared), None, length, is_bulk=True)
                 continue
             try:
-                element = convert_raw_data_element(item, encoding=encoding, ds=dataset)
+                if deferred:  # a long text value (not bulk) stays on disk until read here
+                    element = dataset[item.tag]
+                else:
+                    element = convert_raw_data_element(item, encoding=encoding, ds=dataset)
             except Exception:  # an unreadable element is kept as text, never fatal
                 notes.add(f"element {_tag_label(int(item.tag))} could not be decoded; kept as text")
                 raw_bytes = item.value or b""
@@ -101,7 +106,12 @@ def elements(dataset: Dataset, notes: Notes) -> Iterator[Element]:
         yield _from_element(_resolved(element, dataset), notes)
 
 
-def _bulk_vr(declared: str | None) -> str:
+def item_elements(item: Dataset | list[Element], notes: Notes) -> Iterable[Element]:
+    """A sequence item's elements, however it was read."""
+    return item if isinstance(item, list) else elements(item, notes)
+
+
+def bulk_vr(declared: str | None) -> str:
     if declared is None or " or " in declared:
         return "OB" if declared is None else "OW"
     return declared
@@ -134,7 +144,7 @@ def _from_element(element: DataElement, notes: Notes) -> Element:
     vr = str(element.VR)
     if vr in BULK_VRS or element.tag in PIXEL_TAGS:
         length = None if element.is_undefined_length else len(element.value or b"")
-        return Element(int(element.tag), _bulk_vr(vr), None, length, is_bulk=True)
+        return Element(int(element.tag), bulk_vr(vr), None, length, is_bulk=True)
     value = element.value
     if _has_replacement(value):
         notes.add(f"undecodable bytes in {_tag_label(int(element.tag))} were replaced")
@@ -201,9 +211,9 @@ def text_of(element: Element | None) -> str:
     """A value as the dataset writes it: multi-valued joined with a backslash; "" when absent."""
     if element is None or element.is_bulk:
         return ""
-    value = element.value
-    if isinstance(value, Sequence):
+    if element.vr == "SQ":
         return ""
+    value = element.value
     items = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
     return "\\".join("" if item is None else _as_written(item) for item in items)
 

@@ -1,0 +1,93 @@
+"""message.raw reads plain objects without pydicom: the message must be the same either way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from soupflow.dicom.part10 import read_object
+from soupflow.message import convert as conversion
+from soupflow.message.convert import Options, convert, render
+from soupflow.message.raw import read_elements
+from soupflow.message.values import Notes, elements
+from tests import records
+from tests.test_message import CHARSET_FILES, TEST_FILES
+
+FILES = TEST_FILES + CHARSET_FILES
+CYRILLIC_NAME = "\u0418\u0432\u0430\u043d\u043e\u0432^\u0418\u0432\u0430\u043d"
+
+
+def _both(path: Path, options: Options, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """The message through message.raw, and through pydicom alone."""
+    arrival = records.arrival()
+    direct = render(convert(path, arrival, options))
+    with monkeypatch.context() as patch:
+        patch.setattr(conversion, "read_elements", lambda _path: None)
+        through_pydicom = render(convert(path, arrival, options))
+    return direct, through_pydicom
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda path: path.name)
+@pytest.mark.parametrize("tags_format", ["Keyword", "DicomJson"])
+def test_raw_reading_gives_pydicoms_message(
+    path: Path, tags_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct, through_pydicom = _both(path, Options(tags_format=tags_format), monkeypatch)
+    assert direct == through_pydicom
+
+
+def test_most_shipped_files_are_read_without_pydicom() -> None:
+    read = [path.name for path in FILES if read_elements(path) is not None]
+    assert len(read) >= 60, read
+    assert "CT_small.dcm" in read and "MR_small.dcm" in read
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ExplVR_BigEnd.dcm",  # big endian
+        "image_dfl.dcm",  # deflated
+        "ExplVR_LitEndNoMeta.dcm",  # no file meta
+    ],
+)
+def test_what_raw_reading_leaves_to_pydicom(name: str) -> None:
+    assert read_elements(Path(get_testdata_file(name))) is None
+
+
+def test_a_character_set_it_does_not_handle_is_left_to_pydicom(tmp_path: Path) -> None:
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.SpecificCharacterSet = "ISO_IR 144"  # Cyrillic
+    dataset.PatientName = CYRILLIC_NAME
+    path = tmp_path / "cyrillic.dcm"
+    dataset.save_as(path)
+    assert read_elements(path) is None
+    fields = convert(path, records.arrival(), Options())["CommonFields"]
+    assert fields["PatientName"] == CYRILLIC_NAME
+
+
+def test_an_sr_is_read_by_pydicom_for_its_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = Path(get_testdata_file("test-SR.dcm"))
+    assert read_elements(path) is not None
+    message = convert(path, records.arrival(), Options())
+    assert "Report" in message
+    direct, through_pydicom = _both(path, Options(), monkeypatch)
+    assert direct == through_pydicom
+
+
+def test_a_long_text_value_is_kept_by_both_readers(tmp_path: Path) -> None:
+    """pydicom leaves values over 16 KB on disk; a long UT is text, not bulk, and is read."""
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.ImageComments = "x" * 10  # LT
+    dataset.add_new(0x00400280, "ST", "comment")
+    dataset.add_new(0x00189917, "UT", "long " * 8000)  # InstructionDescription, 40 KB
+    path = tmp_path / "long.dcm"
+    dataset.save_as(path)
+    read = read_elements(path)
+    assert read is not None
+    through_pydicom = list(elements(read_object(path), Notes()))
+    for found in (read, through_pydicom):
+        (long_text,) = (element for element in found if element.tag == 0x00189917)
+        assert long_text.value == ("long " * 8000).rstrip()
