@@ -29,6 +29,7 @@ from soupflow.dicom.requestor import Destination, echo
 from soupflow.network import Allowlist, CleartextPorts, Egress, is_loopback
 from soupflow.runtime.admin_http import DEFAULT_ADMIN, parse_address
 from soupflow.runtime.listeners_file import read_network
+from soupflow.runtime.pacing import BACKLOG_LIMIT, HOLD_SECONDS
 from soupflow.runtime.processes import WorkerRuntime, new_boot
 from soupflow.runtime.supervisor import NODE_ID, Runtime, node_name
 from soupflow.runtime.watch import watch
@@ -275,6 +276,7 @@ def _run(args: argparse.Namespace) -> int:
         node=args.node_id,
         lease_seconds=args.lease_seconds,
         retention_days=args.retention_days,
+        backlog_limit=args.backlog_limit,
     )
     try:
         runtime.start()
@@ -718,6 +720,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("SOUPFLOW_PROCESSES", "0")),
         help="worker processes, each with --workers threads, on the same queue; this "
         "process then only receives (default: 0, the workers are threads of this process)",
+    )
+    runner.add_argument(
+        "--backlog-limit",
+        type=int,
+        default=int(os.environ.get("SOUPFLOW_BACKLOG_LIMIT", BACKLOG_LIMIT)),
+        metavar="N",
+        help="back-pressure: while a workflow has more than N messages due and its workers "
+        f"are delivering, each answer to a sender waits (at most {HOLD_SECONDS:g} s, after "
+        "the commit) until they catch up; a destination that is down never holds intake "
+        f"(default {BACKLOG_LIMIT}; 0: never hold; env SOUPFLOW_BACKLOG_LIMIT)",
     )
     runner.add_argument(
         "--keep-objects",

@@ -47,11 +47,14 @@ class Ingest:
         queue: Queue,
         clock: Callable[[], float] = time.time,
         on_queued: Callable[[], None] = lambda: None,
+        hold: Callable[[str], float] = lambda _workflow_id: 0.0,
     ) -> None:
         self.spool = spool
         self.queue = queue
         self.clock = clock
         self.on_queued = on_queued  # the workers' wake-up
+        # back-pressure (runtime.pacing): a receiver calls it after a commit, before answering
+        self.hold = hold
 
     def store(
         self,

@@ -53,6 +53,12 @@ COMMIT = Histogram(
     buckets=_SECONDS,
     registry=REGISTRY,
 )
+HELD = Counter(
+    "soupflow_intake_held_seconds",
+    "Seconds answers were held back because the workflow's backlog was over its limit.",
+    ["workflow"],
+    registry=REGISTRY,
+)
 FINISHED = Counter(
     "soupflow_messages_finished",
     "Messages that reached a final state (completed, filtered, dead).",

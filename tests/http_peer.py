@@ -26,6 +26,7 @@ class HttpPeer:
     bodies: dict[str, bytes] = field(default_factory=dict)  # response body by path
     requests: list[Received] = field(default_factory=list)
     tls: ssl.SSLContext | None = None  # the server context: https only
+    answer_after: float = 0.0  # seconds each answer takes: a slow destination
 
     def __post_init__(self) -> None:
         self.got_request = threading.Event()
@@ -42,6 +43,8 @@ class HttpPeer:
                 peer.got_request.set()
                 if first and peer.hold_first:
                     peer._release.wait(HOLD_SECONDS)
+                elif peer.answer_after:
+                    peer._release.wait(peer.answer_after)
                 body = peer.bodies.get(self.path, b'{"ok": true}')
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

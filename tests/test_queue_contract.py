@@ -17,6 +17,7 @@ from soupflow.store.queue import (
     MAX_LEASE_EXPIRIES,
     ActivityOutcome,
     Arrival,
+    Flow,
     LeaseLostError,
     Queue,
     QueueError,
@@ -24,6 +25,7 @@ from soupflow.store.queue import (
     owner_id,
 )
 from soupflow.store.sqlite import DATABASE_FILE, SqliteQueue
+from soupflow.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from tests import records
 
 LEASE = 30.0
@@ -359,7 +361,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_messages(tmp_path: Path)
     database.close()
     queue = SqliteQueue(data)
     try:
-        assert queue.schema_version == 3
+        assert queue.schema_version == SQLITE_SCHEMA_VERSION
         leased = queue.lease("worker-1", 10.0, LEASE)
         assert leased is not None and leased.request_id == "r1" and leased.lease_expiries == 0
         assert leased.arrival.origin.client_cert_sha256 == ""  # no certificate before TLS
@@ -397,6 +399,23 @@ def test_counts_per_workflow_with_the_oldest_pending(queue: Queue) -> None:
     assert counts["workflow-a"].by_state == {State.COMPLETED: 1, State.QUEUED: 2}
     assert counts["workflow-a"].oldest_pending_received_at == T0 + 2
     assert counts["workflow-b"].by_state == {State.QUEUED: 1}
+
+
+def test_flow_counts_what_is_due_and_what_finished_lately_per_workflow(queue: Queue) -> None:
+    for number in (1, 2, 3, 4):
+        queue.enqueue(arrival(number))
+    queue.enqueue(arrival(5, workflow_id="workflow-b"))
+    queue.lease("worker-1", T0 + 10, LEASE)  # request-001: processing, not due
+    queue.finish("request-001", "worker-1", State.COMPLETED, T0 + 11)
+    queue.lease("worker-1", T0 + 12, LEASE)  # request-002 waits for a retry: not due
+    queue.retry("request-002", "worker-1", T0 + 13, T0 + 60, "down", "a1")
+    assert queue.flow(T0 + 20, since=T0 + 5) == {
+        "workflow-a": Flow(ready=2, finished=1),
+        "workflow-b": Flow(ready=1, finished=0),
+    }
+    assert queue.flow(T0 + 20, since=T0 + 12)["workflow-a"] == Flow(ready=2, finished=0)
+    assert queue.flow(T0 + 60, since=T0 + 12)["workflow-a"] == Flow(ready=3, finished=0)
+    assert queue.flow(T0 + 3, since=T0 + 11)["workflow-a"] == Flow(ready=1, finished=1)
 
 
 def test_dead_messages_are_revived_or_purged_by_id_workflow_or_all(queue: Queue) -> None:

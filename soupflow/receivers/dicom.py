@@ -276,9 +276,12 @@ class Listener:
             client_cert_sha256=session.client_cert_sha256,
             client_cert_subject=session.client_cert_subject,
         )
-        return self.ingest.store(
+        code = self.ingest.store(
             self.workflow_id, origin, received, float(self.receiver.deduplicate_window_seconds)
         )
+        if code == status.SUCCESS:
+            self.ingest.hold(self.workflow_id)
+        return code
 
     def on_release(self, session: Session) -> None:
         with self._lock:

@@ -514,6 +514,8 @@ class StowListener:
                 status=code,
             ),
         )
+        if stored:
+            self.ingest.hold(self.workflow_id)  # once per request, however many parts
         extra = (("Retry-After", _RETRY_AFTER),) if code == 503 else ()
         _answer(http, connection, code, json.dumps(document).encode(), extra, dicom_json=True)
         return True

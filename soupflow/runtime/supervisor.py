@@ -33,6 +33,7 @@ from soupflow.receivers.base import Receiver, ReceiverError
 from soupflow.runtime import listeners_file, reconcile
 from soupflow.runtime.admin_http import AdminServer
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
+from soupflow.runtime.pacing import BACKLOG_LIMIT, Pacing
 from soupflow.runtime.processes import WorkerProcesses, digest, new_boot
 from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
 from soupflow.store import Storage
@@ -80,15 +81,19 @@ class Runtime:
         node: str = "",
         lease_seconds: float = LEASE_SECONDS,
         retention_days: float = RETENTION_DAYS,
+        backlog_limit: int = BACKLOG_LIMIT,
     ) -> None:
         """`allow_cleartext`: ports whose listener may be cleartext on a non-loopback `host`
         (`--allow-cleartext`); `egress`: where activities may connect (fail closed);
         `storage`: the queue and objects folder when they are not the data folder's own
-        (`--queue`, `--objects`); `node`: this node's name in leases (`--node-id`)."""
+        (`--queue`, `--objects`); `node`: this node's name in leases (`--node-id`);
+        `backlog_limit`: messages due per workflow above which answers are held (pacing)."""
         self.storage = storage or Storage(data)
         self.admin_tls = admin_tls
         self.lease_seconds = lease_seconds
         self.retention_days = retention_days
+        self.backlog_limit = backlog_limit
+        self.pacing: Pacing | None = None
         self.workflows_folder = workflows
         self.allow_cleartext = allow_cleartext or CleartextPorts()
         self.egress = egress or Egress()
@@ -133,7 +138,11 @@ class Runtime:
         self.queue = self.storage.open_queue()
         recovered = self.queue.recover(self.node, time.time())
         taken_back(recovered, f"left processing by the last run on {self.node}")
-        self._ingest = Ingest(spool, self.queue, on_queued=self._wake_workers)
+        self.pacing = Pacing(self.queue, self.backlog_limit)
+        self.pacing.start()
+        self._ingest = Ingest(
+            spool, self.queue, on_queued=self._wake_workers, hold=self.pacing.hold
+        )
         self.reload()
         network = {
             "host": self.host,
@@ -436,6 +445,9 @@ class Runtime:
             with contextlib.suppress(KeyError):  # never registered (a failed start)
                 metrics.REGISTRY.unregister(collector)
         with self._lock:
+            if self.pacing is not None:  # held answers go out now, before the listeners stop
+                self.pacing.stop()
+                self.pacing = None
             for entry in self.running.values():
                 if entry.listener is not None:
                     entry.listener.stop(grace_seconds)

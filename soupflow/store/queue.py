@@ -117,6 +117,14 @@ class WorkflowCounts:
     duplicates: int = 0  # arrivals dropped by DeduplicateWindowSeconds
 
 
+@dataclass(frozen=True)
+class Flow:
+    """One workflow's traffic through the queue, for intake back-pressure (runtime.pacing)."""
+
+    ready: int  # queued and due now: work the workers could take
+    finished: int  # completed, filtered or dead since the asked moment
+
+
 def owner_id(node: str, boot: str, worker: int) -> str:
     """A lease owner: unique per worker, process start (`boot`) and machine (`node`), so two
     processes on one queue can never finish each other's messages."""
@@ -200,6 +208,9 @@ class Queue(Protocol):
     ) -> list[Message]: ...
 
     def counts(self) -> list[WorkflowCounts]: ...
+
+    def flow(self, now: float, since: float) -> dict[str, Flow]:
+        """Per workflow with traffic: messages due at `now`, and finished since `since`."""
 
     def revive(self, request_ids: list[str] | None, workflow_id: str | None, now: float) -> int:
         """Dead messages back to queued (by id, by workflow, or all); returns how many."""

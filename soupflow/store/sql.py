@@ -15,10 +15,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from soupflow.store.queue import (
+    FINAL_STATES,
     MAX_LEASE_EXPIRIES,
     ActivityOutcome,
     Arrival,
     Delivery,
+    Flow,
     LeaseLostError,
     Message,
     Origin,
@@ -48,6 +50,7 @@ ORIGIN_COLUMNS = (
     "details",
 )
 _COLUMNS = (*ARRIVAL_COLUMNS, *ORIGIN_COLUMNS)
+_FINISHED = tuple(sorted(state.value for state in FINAL_STATES))
 # An arrival row: the columns, state, next_attempt_at, updated_at, then the deduplication
 # check's workflow, SOPInstanceUID and window start (inf: no window).
 ROW_WINDOW_START = len(_COLUMNS) + 5
@@ -288,7 +291,7 @@ class SqlQueue:
         failed_activity: str | None = None,
         outcomes: tuple[ActivityOutcome, ...] = (),
     ) -> None:
-        if state not in (State.COMPLETED, State.FILTERED, State.DEAD):
+        if state not in FINAL_STATES:
             raise ValueError(f"an attempt cannot finish as {state}")
         with self._write() as db:
             self._require_lease(db, request_id, owner)
@@ -399,6 +402,21 @@ class SqlQueue:
             WorkflowCounts(w, states, oldest[w], duplicates.get(w, 0))
             for w, states in sorted(by_workflow.items())
         ]
+
+    def flow(self, now: float, since: float) -> dict[str, Flow]:
+        ready = self._read(
+            "SELECT workflow_id, COUNT(*) AS n FROM messages WHERE state = ? "
+            "AND next_attempt_at <= ? GROUP BY workflow_id",
+            (State.QUEUED.value, now),
+        )
+        finished = self._read(
+            "SELECT workflow_id, COUNT(*) AS n FROM messages WHERE state IN (?, ?, ?) "
+            "AND updated_at >= ? GROUP BY workflow_id",
+            (*_FINISHED, since),
+        )
+        due = {row["workflow_id"]: int(row["n"]) for row in ready}
+        done = {row["workflow_id"]: int(row["n"]) for row in finished}
+        return {w: Flow(due.get(w, 0), done.get(w, 0)) for w in sorted(due.keys() | done.keys())}
 
     def revive(self, request_ids: list[str] | None, workflow_id: str | None, now: float) -> int:
         where, parameters = _where(State.DEAD, workflow_id, request_ids)

@@ -24,7 +24,7 @@ from soupflow.store.queue import QueueError
 from soupflow.store.sql import Connection, Row, SqlQueue, execute_script
 
 DATABASE_FILE = "queue.sqlite3"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     request_id TEXT NOT NULL,
@@ -84,6 +84,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     request_id TEXT NOT NULL,
     PRIMARY KEY (workflow_id, delivery_id, sop_instance_uid)
 );
+""",
+    """
+CREATE INDEX IF NOT EXISTS messages_finished ON messages (state, updated_at);
 """,
 )
 
