@@ -2,9 +2,11 @@
 
     python -m bench.stow [--runs N] [--smoke]
 
-The same client for both: httpx with K keep-alive connections (1 and 4), one POST per
-instance (`multipart/related; type="application/dicom"`, one part), CT-sized instances
-(bench.data.images). soupflow runs `--workers 0`: each instance fsynced and queued before
+The same client for both: K curl processes, each POSTing its share of the instances over one
+keep-alive connection (K = 1 and 4), one POST per instance (`multipart/related;
+type="application/dicom"`, one part), CT-sized instances (bench.data.images); `--client
+httpx` uses httpx in K threads instead (a Python client that shares the two cores' interpreter
+time with nothing but itself, yet costs more CPU per request than curl). soupflow runs `--workers 0`: each instance fsynced and queued before
 the answer (Orthanc does not fsync). Then one large instance (1 GB; 20 MB in smoke mode)
 POSTed to soupflow with its Content-Length, streamed from the file: MB/s and the
 receiver's peak RSS. Medians of the runs; each receiver is a fresh process per run.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -119,16 +122,18 @@ def _body(instance: bytes) -> bytes:
     return head + instance + f"\r\n--{_BOUNDARY}--\r\n".encode()
 
 
-def send(base: str, files: list[Path], connections: int) -> float:
+def send(base: str, files: list[Path], connections: int, client: str = "curl") -> float:
     """Instances per second: one POST each, over `connections` keep-alive connections."""
     bodies = [_body(path.read_bytes()) for path in files]
+    if client == "curl":
+        return _send_curl(base, bodies, connections, files[0].parent)
     shares = [bodies[index::connections] for index in range(connections)]
     errors: list[str] = []
 
     def post_all(share: list[bytes]) -> None:
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=120) as http:
             for body in share:
-                answer = client.post(
+                answer = http.post(
                     f"{base}/studies", content=body, headers={"Content-Type": _media()}
                 )
                 if answer.status_code != 200:
@@ -144,6 +149,41 @@ def send(base: str, files: list[Path], connections: int) -> float:
     if errors:
         raise RuntimeError(errors[0])
     return len(files) / (time.perf_counter() - start)
+
+
+def _send_curl(base: str, bodies: list[bytes], connections: int, folder: Path) -> float:
+    """`connections` curl processes, each sending its share as URLs of one invocation (curl
+    keeps the connection alive between them); every answer must be 200."""
+    curl = shutil.which("curl")
+    if curl is None:
+        raise RuntimeError("curl is not installed")
+    configs = []
+    for index in range(connections):
+        blocks = []
+        for number, body in enumerate(bodies[index::connections]):
+            path = folder / f"body-{connections}-{index}-{number}.bin"
+            if not path.exists():  # written once, for every run
+                path.write_bytes(body)
+            blocks.append(
+                f'url = "{base}/studies"\ndata-binary = "@{path}"\n'
+                f'header = "Content-Type: {_media().replace(chr(34), chr(92) + chr(34))}"\n'
+                'output = "/dev/null"\nwrite-out = "%{http_code}\\n"\n'
+            )
+        config = folder / f"curl-{connections}-{index}.conf"
+        config.write_text("next\n".join(blocks))
+        configs.append(config)
+    os.sync()  # the bodies' dirty pages are not written out while the receiver is timed
+    start = time.perf_counter()
+    senders = [
+        subprocess.Popen([curl, "--silent", "--config", str(config)], stdout=subprocess.PIPE)
+        for config in configs
+    ]
+    codes = [sender.communicate(timeout=600)[0].decode().split() for sender in senders]
+    elapsed = time.perf_counter() - start
+    wrong = [code for found in codes for code in found if code != "200"]
+    if wrong or sum(map(len, codes)) != len(bodies):
+        raise RuntimeError(f"curl: {sum(map(len, codes))} answers, not 200: {wrong[:5]}")
+    return len(bodies) / elapsed
 
 
 def large(path: Path, work: Path) -> tuple[float, int]:
@@ -177,6 +217,7 @@ def main(arguments: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m bench.stow", description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a few small instances, once")
+    parser.add_argument("--client", choices=("curl", "httpx"), default="curl")
     options = parser.parse_args(arguments)
     report = partial(print, file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="soupflow-stow-") as folder:
@@ -194,13 +235,13 @@ def main(arguments: list[str] | None = None) -> list[str]:
                 for receiver in order:
                     with receiving(receiver, work) as running:
                         if running is not None:
-                            rate = send(running[0], files, connections)
+                            rate = send(running[0], files, connections, options.client)
                             rates.setdefault((receiver, connections), []).append(rate)
             report(f"run {number + 1} of {runs} done")
         big = large_instance(work / "large.dcm", large_bytes)
         throughput, peak = large(big, work)
     lines = [
-        f"STOW-RS ingest: {len(files)} CT-sized instances, one POST each (httpx)",
+        f"STOW-RS ingest: {len(files)} CT-sized instances, one POST each ({options.client})",
         "",
         "| connections | receiver | rate (median) | soupflow / this |",
         "|---:|---|---:|---:|",
