@@ -19,13 +19,15 @@ run: $(STAMP)
 
 # The real peers the tests talk to (dcmtk's storescu, echoscu, storescp; Orthanc with its
 # DICOMweb plugin; chromium for the dashboard; PostgreSQL, from which bench/postgres.py makes a
-# throwaway cluster, and haproxy for the cluster test), installed when missing and possible
-# (root with apt-get); tests that need a missing peer fail under CI=true and skip otherwise.
-PEER_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver postgresql haproxy
+# throwaway cluster, and haproxy for the cluster test; curl, a STOW-RS client), installed when
+# missing and possible (root with apt-get); tests that need a missing peer fail under CI=true
+# and skip otherwise.
+PEER_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver postgresql haproxy curl
 peers:
 	@if ! command -v storescu >/dev/null 2>&1 || ! command -v Orthanc >/dev/null 2>&1 \
 	    || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
 	    || ! command -v pg_ctlcluster >/dev/null 2>&1 || ! command -v haproxy >/dev/null 2>&1 \
+	    || ! command -v curl >/dev/null 2>&1 \
 	    || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $(PEER_PACKAGES)"; \
