@@ -123,9 +123,13 @@ def test_soupflow_run_receives_into_postgresql_and_status_and_dead_read_it(
     assert (objects / "incoming" / "node-a").is_dir()  # this node's own incoming folder
     password = url.split("@")[0].split(":")[2]
     if processes == "1":  # the queue's URL reaches the worker process, not by its command line
-        child = wait_for(lambda: _children(runtime.process.pid), "the worker process")[0]
-        command = Path(f"/proc/{child}/cmdline").read_bytes().decode()
-        assert "work" in command and password not in command
+
+        def commands() -> list[str]:  # a child just forked has no command line until exec
+            found = (_command_line(child) for child in _children(runtime.process.pid))
+            return [command for command in found if "work" in command]
+
+        command = wait_for(commands, "the worker process")[0]
+        assert password not in command
     assert not (data / "queue.sqlite3").exists()
     storescu_send(runtime.port, sample_file("CT_small.dcm"))
 
@@ -251,6 +255,13 @@ def test_one_instance_arriving_at_two_nodes_at_once_is_queued_once(
     finally:
         for queue in nodes:
             queue.close()
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    except OSError:  # gone already
+        return ""
 
 
 def _children(pid: int) -> list[int]:
