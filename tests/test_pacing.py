@@ -152,8 +152,9 @@ def test_a_sender_faster_than_delivery_is_paced_and_everything_arrives(tmp_path:
     peer = HttpPeer(answer_after=0.05)  # a destination that takes 50 ms a message
     runtime = _run_forwarding(tmp_path, peer, "--backlog-limit", str(LIMIT))
     try:
-        storescu_send(runtime.port, *[CT] * 30)
-        wait_for(lambda: len(peer.requests) == 30, "all 30 delivered")
+        # 120 sent at full speed take longer than the first delivery and a sample or two
+        storescu_send(runtime.port, *[CT] * 120)
+        wait_for(lambda: len(peer.requests) == 120, "all 120 delivered")
         assert _held_seconds(runtime) > 0
         assert f"over the backlog limit of {LIMIT}" in runtime.log_text()
     finally:

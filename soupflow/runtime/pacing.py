@@ -52,6 +52,7 @@ class Pacing:
         self._thread: threading.Thread | None = None
         self._unreadable = False
         self._said: dict[str, float] = {}
+        self._intake = False  # an answer since the last sample: the backlog can have grown
 
     def start(self) -> None:
         if self.limit <= 0:
@@ -71,6 +72,7 @@ class Pacing:
     def hold(self, workflow_id: str) -> float:
         """Wait while `workflow_id` is over its backlog limit (at most HOLD_SECONDS); the
         seconds waited."""
+        self._intake = True
         if workflow_id not in self._over:  # the common case takes no lock
             return 0.0
         started = time.monotonic()
@@ -88,7 +90,9 @@ class Pacing:
 
     def _run(self) -> None:
         while not self._stopping.wait(self.sample_seconds):
-            self.sample()
+            if self._intake or self._over:  # an idle runtime reads nothing
+                self._intake = False
+                self.sample()
 
     def sample(self) -> None:
         """Read the queue's flow once and release or hold each workflow's answers."""
