@@ -49,6 +49,31 @@ class MalformedObjectError(ValueError):
     """The object cannot be parsed as a DICOM dataset."""
 
 
+class UnknownVRError(ValueError):
+    """An explicit-VR element header whose VR is none of PS3.5's."""
+
+
+def element_header(
+    view: mmap.mmap, offset: int, implicit: bool, endian: str = "<"
+) -> tuple[int, int, bytes, int, int]:
+    """(group, element, VR, value length, where the value starts) of the element header at
+    `offset`; the VR is b"" for implicit VR and for item and delimiter tags. struct.error
+    when the header runs past the end."""
+    if implicit:
+        group, element, length = _IMPLICIT_HEADER[endian].unpack_from(view, offset)
+        return group, element, b"", length, offset + 8
+    group, element, vr, length = _EXPLICIT_HEADER[endian].unpack_from(view, offset)
+    if group == 0xFFFE:  # item and delimiter tags have no VR
+        (length,) = _LENGTH[endian].unpack_from(view, offset + 4)
+        return group, element, b"", length, offset + 8
+    if vr in SHORT_VRS:
+        return group, element, vr, length, offset + 8
+    if vr in LONG_VRS:
+        (length,) = _LENGTH[endian].unpack_from(view, offset + 8)
+        return group, element, vr, length, offset + 12
+    raise UnknownVRError
+
+
 def read_object(path: Path) -> Dataset:
     """The object's dataset (lazy), or MalformedObjectError saying what is wrong with it."""
     try:
@@ -136,11 +161,11 @@ def meta_end(view: mmap.mmap) -> tuple[int, str] | None:
     offset, transfer_syntax = 132, None
     try:
         while view[offset : offset + 2] == b"\x02\x00":
-            _, element, length, value_at = _Walk._header(view, offset, implicit=False, endian="<")
+            _, element, _, length, value_at = element_header(view, offset, implicit=False)
             if element == 0x0010:
                 transfer_syntax = uid_text(view[value_at : value_at + length])
             offset = value_at + length
-    except (_UnclearError, struct.error):
+    except (UnknownVRError, struct.error):
         return None
     if transfer_syntax is None or offset > len(view):
         return None
@@ -198,32 +223,12 @@ class _Walk:
                 raise _UnclearError
         return self.found.get(_SOP_CLASS_UID, ""), self.found.get(_SOP_INSTANCE_UID, "")
 
-    @staticmethod
-    def _header(
-        view: mmap.mmap, offset: int, implicit: bool, endian: str
-    ) -> tuple[int, int, int, int]:
-        """(group, element, value length, where the value starts) of the element at `offset`."""
-        if implicit:
-            group, element, length = _IMPLICIT_HEADER[endian].unpack_from(view, offset)
-            return group, element, length, offset + 8
-        group, element, vr, length = _EXPLICIT_HEADER[endian].unpack_from(view, offset)
-        if group == 0xFFFE:  # item and delimiter tags have no VR
-            (length,) = _LENGTH[endian].unpack_from(view, offset + 4)
-            return group, element, length, offset + 8
-        if vr in SHORT_VRS:
-            return group, element, length, offset + 8
-        if vr in LONG_VRS:
-            (length,) = _LENGTH[endian].unpack_from(view, offset + 8)
-            return group, element, length, offset + 12
-        raise _UnclearError
-
     def _dataset(
         self, view: mmap.mmap, offset: int, end: int, implicit: bool, endian: str, depth: int
     ) -> int:
         """Walk elements from `offset`; return where they end (an item's delimiter when nested)."""
-        header = self._header
         while offset < end:
-            group, element, length, value_at = header(view, offset, implicit, endian)
+            group, element, _, length, value_at = element_header(view, offset, implicit, endian)
             if group == 0xFFFE:
                 if element == 0xE00D and depth > 0:
                     return value_at

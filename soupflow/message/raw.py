@@ -28,6 +28,7 @@ from soupflow.dicom.part10 import (
     IMPLICIT_VR_LITTLE_ENDIAN,
     LONG_VRS,
     SHORT_VRS,
+    element_header,
     meta_end,
 )
 from soupflow.message.values import (
@@ -39,9 +40,8 @@ from soupflow.message.values import (
     bulk_vr,
 )
 
-_EXPLICIT = struct.Struct("<HH2sH")
-_IMPLICIT = struct.Struct("<HHI")
-_LENGTH = struct.Struct("<I")
+_IMPLICIT = struct.Struct("<HHI")  # an item's or delimiter's header
+_VR_TEXT = {vr: vr.decode() for vr in LONG_VRS | SHORT_VRS}
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _CHARACTER_SET = 0x00080005
 _MAX_NESTING = 32
@@ -133,22 +133,11 @@ class _Reader:
 
     def _header(self, offset: int) -> tuple[int, str, int, int]:
         """(tag, VR, value length, where the value starts) of the element at `offset`."""
-        view = self.view
-        if self.implicit:
-            group, element, length = _IMPLICIT.unpack_from(view, offset)
-            tag = group << 16 | element
-            return tag, "" if group == 0xFFFE else _dictionary_vr(tag), length, offset + 8
-        group, element, raw_vr, length = _EXPLICIT.unpack_from(view, offset)
+        group, element, vr, length, value_at = element_header(self.view, offset, self.implicit)
         tag = group << 16 | element
-        if group == 0xFFFE:  # item and delimiter tags have no VR
-            (length,) = _LENGTH.unpack_from(view, offset + 4)
-            return tag, "", length, offset + 8
-        if raw_vr in SHORT_VRS:
-            return tag, raw_vr.decode(), length, offset + 8
-        if raw_vr in LONG_VRS:
-            (length,) = _LENGTH.unpack_from(view, offset + 8)
-            return tag, raw_vr.decode(), length, offset + 12
-        raise _UnsupportedError
+        if self.implicit and group != 0xFFFE:
+            return tag, _dictionary_vr(tag), length, value_at
+        return tag, _VR_TEXT.get(vr, ""), length, value_at
 
     def _within(self, value_at: int, length: int, end: int) -> int:
         if value_at + length > end:
@@ -214,11 +203,6 @@ def _encoding(value: Any) -> str:
     return _ENCODINGS[terms[0]]
 
 
-def _split(text: str) -> str | list[str]:
-    items = text.split("\\")
-    return items[0] if len(items) == 1 else items
-
-
 def _decode(vr: str, data: bytes, encoding: str) -> Any:
     """A value as pydicom's converter for `vr` decodes it (values.py, pydicom 3)."""
     if not data:
@@ -235,8 +219,7 @@ def _decode(vr: str, data: bytes, encoding: str) -> Any:
             return _split_each(text, lambda name: name.rstrip("="))
         if vr in _SINGLE_TEXT_VRS:
             return text.rstrip("\0 ")
-        items = [item.rstrip("\0 ") for item in text.split("\\")]
-        return items[0] if len(items) == 1 else items
+        return _split_each(text, lambda item: item.rstrip("\0 "))
     decoder = _STRING_DECODERS.get(vr)
     if decoder is None:
         raise _UnsupportedError
@@ -255,7 +238,7 @@ def _numbers(vr: str, data: bytes) -> Any:
 
 
 def _multi(text: str) -> str | list[str]:
-    return _split(text.rstrip(" \x00"))
+    return _split_each(text.rstrip(" \x00"))
 
 
 _STRING_DECODERS: dict[str, Callable[[str], Any]] = {
@@ -272,6 +255,9 @@ _STRING_DECODERS: dict[str, Callable[[str], Any]] = {
 }
 
 
-def _split_each(text: str, tidy: Callable[[str], str]) -> str | list[str]:
-    items = [tidy(item) for item in text.split("\\")]
+def _split_each(text: str, tidy: Callable[[str], str] | None = None) -> str | list[str]:
+    """One value, or the list of a multi-valued one (backslash-separated), each tidied."""
+    items = text.split("\\")
+    if tidy is not None:
+        items = [tidy(item) for item in items]
     return items[0] if len(items) == 1 else items
