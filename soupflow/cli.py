@@ -7,6 +7,7 @@ diff), runtime (run), admin (status, dead), dicom.requestor (echo), schemas.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -110,6 +111,9 @@ def _event_lines(json_lines: bool = False, quiet_stores: bool = False) -> thread
     stopping = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: stopping.set())
+    # `kill -USR1` prints where every thread is (code locations only, no values) to stderr:
+    # what an operator needs when a runtime does not stop or does not move.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return stopping
 
 

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
@@ -272,7 +272,16 @@ class RuntimeProcess:
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=DEADLINE_SECONDS)
+        try:
+            return self.process.wait(timeout=DEADLINE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR1)  # its threads' stacks, into the log
+            with suppress(AssertionError):  # faulthandler writes at once, from C
+                wait_for(lambda: "most recent call first" in self.log_text(), "the stacks", 5)
+            raise AssertionError(
+                f"soupflow run did not stop within {DEADLINE_SECONDS} s of SIGTERM:\n"
+                f"{self.log_text()[-20000:]}"
+            ) from None
 
 
 class CutSender:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 from pathlib import Path
 
 from bench.scu import associate_request, read_pdu
 from soupflow.cli import printable
 from tests import documents
-from tests.dicom import RuntimeProcess, sample_file, send_files
+from tests.dicom import RuntimeProcess, sample_file, send_files, wait_for
 
 OTHER_ID = "66666666-6666-4666-8666-666666666666"
 
@@ -56,6 +57,23 @@ def test_sigterm_stops_cleanly_and_a_public_cleartext_listener_is_refused(
     assert "cleartext on 0.0.0.0" in log and "refused" in log
     assert "nothing listens yet (watching for files)" in log
     assert "stopping" in log
+
+
+def test_sigusr1_prints_where_every_thread_is_and_the_runtime_keeps_running(
+    tmp_path: Path,
+) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))
+    runtime = RuntimeProcess(workflows, tmp_path / "data")
+    runtime.process.send_signal(signal.SIGUSR1)
+    log = wait_for(
+        lambda: text if "soupflow/runtime/pacing.py" in (text := runtime.log_text()) else None,
+        "the threads' stacks in the log",
+    )
+    assert "most recent call first" in log
+    assert send_files(runtime.port, [sample_file("CT_small.dcm")]) == [0]
+    assert runtime.terminate() == 0
 
 
 def test_control_characters_from_the_network_never_reach_the_terminal_raw(
