@@ -26,6 +26,7 @@ _SECONDS = 30.0
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 # The bytes a requestor sends and reads (PS3.8 9.3), shared with the tests' raw peer.
+RELEASE_REQUEST = _PDU.pack(0x05, 4) + bytes(4)
 
 
 def associate_request(
@@ -129,7 +130,7 @@ class StoreClient:
         return delays
 
     def release(self) -> None:
-        self.connection.sendall(_PDU.pack(0x05, 4) + bytes(4))
+        self.connection.sendall(RELEASE_REQUEST)
         read_pdu(self.connection)
         self.connection.close()
 
