@@ -498,6 +498,49 @@ def test_concurrent_enqueues_are_each_committed_and_a_bad_one_fails_alone(queue:
     ]
 
 
+def test_concurrent_arrivals_and_finishes_each_commit_and_a_lost_lease_fails_alone(
+    queue: Queue,
+) -> None:
+    """Associations enqueue while workers finish (a backend may commit both in one
+    transaction): every arrival and every finish is committed, and the finish of a worker
+    that lost its lease fails only that worker."""
+    for number in range(40):
+        queue.enqueue(arrival(number))
+    leased = [queue.lease(f"worker-{n}", T0 + 1000, LEASE) for n in range(40)]
+    assert [m.request_id if m else None for m in leased] == [f"request-{n:03d}" for n in range(40)]
+    lost: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def associate(first: int) -> None:
+        start.wait(timeout=60)
+        for number in range(first, first + 20):
+            queue.enqueue(arrival(number))
+
+    def work(first: int) -> None:
+        start.wait(timeout=60)
+        for number in range(first, first + 10):
+            owner = "someone-else" if number == 17 else f"worker-{number}"
+            try:
+                queue.finish(f"request-{number:03d}", owner, State.COMPLETED, T0 + 1001)
+            except LeaseLostError:
+                with lock:
+                    lost.append(owner)
+
+    threads = [threading.Thread(target=associate, args=(40 + n * 20,)) for n in range(4)]
+    threads += [threading.Thread(target=work, args=(n * 10,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert lost == ["someone-else"]
+    states = {m.arrival.request_id: m.state for m in queue.messages()}
+    assert len(states) == 120
+    assert [r for r, state in states.items() if state == State.PROCESSING] == ["request-017"]
+    assert sum(state == State.COMPLETED for state in states.values()) == 39
+    assert sum(state == State.QUEUED for state in states.values()) == 80
+
+
 def test_the_last_outcome_is_written_with_the_end_of_the_attempt(queue: Queue) -> None:
     queue.enqueue(arrival(1))
     queue.enqueue(arrival(2))

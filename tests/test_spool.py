@@ -1,4 +1,4 @@
-"""The spool: objects made durable by rename, removed without leaving empty folders."""
+"""The spool: objects made durable by rename, in subfolders that stay."""
 
 from __future__ import annotations
 
@@ -21,14 +21,20 @@ def test_a_committed_object_is_in_its_subfolder_with_its_bytes(tmp_path: Path) -
     assert not (spool.incoming / "a.part").exists()
 
 
-def test_removing_the_last_object_of_a_subfolder_removes_the_subfolder(tmp_path: Path) -> None:
+def test_removing_objects_keeps_their_subfolder_for_the_next(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.commit(incoming(spool, "a.part", b"a"), "ab01")
-    spool.commit(incoming(spool, "b.part", b"b"), "ab02")
     spool.remove("ab01")
-    assert spool.path("ab02").is_file()  # a sibling keeps the folder
-    spool.remove("ab02")
-    assert not spool.path("ab02").parent.exists()
-    assert spool.root.is_dir()
-    spool.commit(incoming(spool, "c.part", b"c"), "ab03")  # and it comes back when needed
-    assert spool.path("ab03").is_file()
+    assert not spool.path("ab01").exists()
+    assert spool.path("ab01").parent.is_dir()  # no rmdir, no mkdir for the next object
+    spool.commit(incoming(spool, "b.part", b"b"), "ab02")
+    assert spool.path("ab02").read_bytes() == b"b"
+
+
+def test_a_subfolder_an_operator_removed_is_made_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.commit(incoming(spool, "a.part", b"a"), "ab01")
+    spool.remove("ab01")
+    spool.path("ab01").parent.rmdir()
+    spool.commit(incoming(spool, "b.part", b"b"), "ab02")
+    assert spool.path("ab02").read_bytes() == b"b"

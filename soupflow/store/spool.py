@@ -8,7 +8,10 @@ committing is a rename: `<data>/incoming/`, or with a shared objects folder
 `<objects>/incoming/<node>/`, one per node, so that a node clearing its own at start never
 touches another's files in transit. A file is durable once `commit` returns: its bytes and
 its directory entry are fsynced (a crash one instant later keeps it). Objects that no queue
-entry names (a crash between the commit and the enqueue) are found by `unclaimed`.
+entry names (a crash between the commit and the enqueue) are found by `unclaimed`. The 256
+subfolders are made on first use, with their own entries fsynced, and never removed (as
+git's object folders): removing an emptied one and making it again for the next object cost
+two directory operations per message.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Spool:
         self.incoming = (
             data_folder / "incoming" if objects is None else objects / "incoming" / (node or "node")
         )
+        self._made: set[Path] = set()  # subfolders known to exist, their entries durable
 
     def clear_incoming(self) -> None:
         """Start with an empty incoming folder: what a crash left there was never acknowledged."""
@@ -56,7 +60,15 @@ class Spool:
         target = self.path(request_id)
         try:
             expected = source.stat().st_size
-            _move(source, target)
+            try:
+                self._subfolder(target.parent)
+                _move(source, target)
+            except FileNotFoundError:  # an operator removed the subfolder meanwhile
+                if not source.exists():
+                    raise
+                self._made.discard(target.parent)
+                self._subfolder(target.parent)
+                _move(source, target)
             size = fsync_file(target)
             fsync_directory(target.parent)
             if size != expected:
@@ -65,6 +77,17 @@ class Spool:
             target.unlink(missing_ok=True)
             raise SpoolError(exc.errno or errno.EIO, exc.strerror or str(exc)) from exc
         return size
+
+    def _subfolder(self, folder: Path) -> None:
+        if folder in self._made:
+            return
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            pass
+        else:  # a new folder's own entry, so that what is renamed into it survives a crash
+            fsync_directory(folder.parent)
+        self._made.add(folder)
 
     def unclaimed(self, older_than: float, limit: int = 100_000) -> Iterator[str]:
         """Request ids of objects last modified before `older_than` (epoch seconds): the
@@ -82,30 +105,18 @@ class Spool:
                             return
 
     def remove(self, request_id: str) -> None:
-        """Delete the object, and its subfolder when that is left empty."""
-        path = self.path(request_id)
-        path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty (the usual case), or already gone
-            path.parent.rmdir()
+        """Delete the object (its subfolder stays)."""
+        self.path(request_id).unlink(missing_ok=True)
 
 
 def _move(source: Path, target: Path) -> None:
-    """Rename into place (copy across filesystems); the subfolder is made again when a
-    concurrent `remove` took it away between the mkdir and the rename."""
-    for _ in range(3):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(source, target)
-            return
-        except FileNotFoundError:
-            if not source.exists():
-                raise
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            _copy(source, target)
-            return
-    raise SpoolError(errno.ENOENT, f"the spool folder {target.parent} keeps disappearing")
+    """Rename into place (copy across filesystems)."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy(source, target)
 
 
 def _copy(source: Path, target: Path) -> None:

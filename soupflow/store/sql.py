@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from soupflow.store.queue import (
     FINAL_STATES,
@@ -74,6 +74,7 @@ LEASES_EXPIRED_REASON = (
     "a step that crashes or never returns?)"
 )
 Row = Mapping[str, Any]
+_T = TypeVar("_T")
 
 
 class Cursor(Protocol):
@@ -94,13 +95,13 @@ class Connection(Protocol):
 
 
 class _Batch:
-    """Arrivals committed together by one transaction."""
+    """Changes committed together by one transaction (one fsync for all of them)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[Any, ...]] = []
+        self.changes: list[Callable[[Connection], object]] = []
         self.done = threading.Event()
-        self.errors: dict[int, QueueError] = {}  # by row index
-        self.duplicates: set[int] = set()  # rows not inserted: a duplicate within the window
+        self.results: dict[int, object] = {}  # by change index
+        self.errors: dict[int, QueueError] = {}
 
 
 class SqlQueue:
@@ -181,14 +182,8 @@ class SqlQueue:
     def enqueue(
         self, arrival: Arrival, dedupe_seconds: float = 0, delivery: Delivery | None = None
     ) -> bool:
-        """Commit the arrival; returns once it is durable.
-
-        Group commit: arrivals from concurrent associations that come while a transaction
-        is committing join one batch, written by whichever of them came first in a single
-        transaction (one fsync for all). Each caller still returns only after its own row
-        is committed; when a batch fails, its rows are tried one by one, so one bad row
-        fails only its own caller. The duplicate check runs in the same transaction.
-        """
+        """Commit the arrival (group-committed: `_together`); returns once it is durable.
+        The duplicate check runs in the same transaction."""
         values = tuple(getattr(arrival, name) for name in ARRIVAL_COLUMNS)
         origin = tuple(getattr(arrival.origin, name) for name in ORIGIN_COLUMNS)
         window_start = arrival.received_at - dedupe_seconds if dedupe_seconds > 0 else float("inf")
@@ -204,12 +199,29 @@ class SqlQueue:
         )
         if delivery is not None:  # the delivery row, written after its message
             row = (*row, (delivery.delivery_id, delivery.sha256))
+
+        def insert(db: Connection) -> bool:
+            inserted = self._insert(db, row)
+            self._queued(db)
+            return inserted
+
+        return self._together(insert)
+
+    def _together(self, change: Callable[[Connection], _T]) -> _T:
+        """Run `change` in a durable transaction; returns once it is committed.
+
+        Group commit: the changes that come while a transaction is committing (arrivals from
+        concurrent associations, the workers' finishes) join one batch, written by whichever
+        of them came first in a single transaction: one fsync for all. Each caller still
+        returns only after its own change is committed; when a batch fails, its changes are
+        tried one by one, so one bad change (a lost lease, a bad row) fails only its own
+        caller."""
         with self._batch_lock:
             batch, leader = self._open_batch, self._open_batch is None
             if batch is None:
                 batch = self._open_batch = _Batch()
-            index = len(batch.rows)
-            batch.rows.append(row)
+            index = len(batch.changes)
+            batch.changes.append(change)
         if leader:
             with self._committer:  # the previous batch commits; this one fills meanwhile
                 with self._batch_lock:
@@ -223,26 +235,22 @@ class SqlQueue:
         error = batch.errors.get(index)
         if error is not None:
             raise error
-        return index not in batch.duplicates
+        return cast(_T, batch.results[index])
 
     def _commit(self, batch: _Batch) -> None:
         try:
             with self._write() as db:
-                batch.duplicates = {
-                    index for index, row in enumerate(batch.rows) if not self._insert(db, row)
-                }
-                self._queued(db)
+                results = {index: change(db) for index, change in enumerate(batch.changes)}
+            batch.results = results
             return
         except QueueError as exc:
-            if len(batch.rows) == 1:
+            if len(batch.changes) == 1:
                 batch.errors[0] = exc
                 return
-        for index, row in enumerate(batch.rows):
+        for index, change in enumerate(batch.changes):
             try:
                 with self._write() as db:
-                    if not self._insert(db, row):
-                        batch.duplicates.add(index)
-                    self._queued(db)
+                    batch.results[index] = change(db)
             except QueueError as exc:
                 batch.errors[index] = exc
 
@@ -266,9 +274,11 @@ class SqlQueue:
             )
 
     def record_activity(self, request_id: str, owner: str, outcome: ActivityOutcome) -> None:
-        with self._write() as db:
+        def record(db: Connection) -> None:
             self._require_lease(db, request_id, owner)
             _record(db, request_id, (outcome,))
+
+        self._together(record)
 
     def activity_outcomes(self, request_id: str) -> list[ActivityOutcome]:
         rows = self._read(
@@ -293,7 +303,8 @@ class SqlQueue:
     ) -> None:
         if state not in FINAL_STATES:
             raise ValueError(f"an attempt cannot finish as {state}")
-        with self._write() as db:
+
+        def finished(db: Connection) -> None:
             self._require_lease(db, request_id, owner)
             _record(db, request_id, outcomes)
             db.execute(
@@ -302,6 +313,8 @@ class SqlQueue:
                 "WHERE request_id = ?",
                 (state.value, reason, failed_activity, now, request_id),
             )
+
+        self._together(finished)
 
     def retry(
         self,
@@ -313,7 +326,8 @@ class SqlQueue:
         failed_activity: str | None,
         outcomes: tuple[ActivityOutcome, ...] = (),
     ) -> None:
-        with self._write() as db:
+
+        def again(db: Connection) -> None:
             self._require_lease(db, request_id, owner)
             _record(db, request_id, outcomes)
             db.execute(
@@ -322,6 +336,8 @@ class SqlQueue:
                 "updated_at = ? WHERE request_id = ?",
                 (State.QUEUED.value, next_attempt_at, reason, failed_activity, now, request_id),
             )
+
+        self._together(again)
 
     def expire_leases(self, now: float) -> list[Message]:
         return self._take_back("lease_expires_at < ?", (now,), now)
