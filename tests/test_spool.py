@@ -38,3 +38,14 @@ def test_a_subfolder_an_operator_removed_is_made_again(tmp_path: Path) -> None:
     spool.path("ab01").parent.rmdir()
     spool.commit(incoming(spool, "b.part", b"b"), "ab02")
     assert spool.path("ab02").read_bytes() == b"b"
+
+
+def test_starting_makes_every_subfolder_and_keeps_what_is_committed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.commit(incoming(spool, "a.part", b"a"), "ab01")
+    spool.clear_incoming()
+    assert sorted(p.name for p in spool.root.iterdir() if len(p.name) == 2) == [
+        f"{n:02x}" for n in range(256)
+    ]
+    assert spool.path("ab01").read_bytes() == b"a"
+    assert list(spool.incoming.iterdir()) == []

@@ -9,8 +9,8 @@ committing is a rename: `<data>/incoming/`, or with a shared objects folder
 touches another's files in transit. A file is durable once `commit` returns: its bytes and
 its directory entry are fsynced (a crash one instant later keeps it). Objects that no queue
 entry names (a crash between the commit and the enqueue) are found by `unclaimed`. The 256
-subfolders are made on first use, with their own entries fsynced, and never removed (as
-git's object folders): removing an emptied one and making it again for the next object cost
+subfolders are made at start (or on first use), with their own entries fsynced, and never
+removed (as git's object folders): removing an emptied one and making it again for the next object cost
 two directory operations per message.
 """
 
@@ -41,9 +41,16 @@ class Spool:
         self._made: set[Path] = set()  # subfolders known to exist, their entries durable
 
     def clear_incoming(self) -> None:
-        """Start with an empty incoming folder: what a crash left there was never acknowledged."""
+        """Start with an empty incoming folder (what a crash left there was never
+        acknowledged) and every object subfolder made, with one fsync for their entries."""
         shutil.rmtree(self.incoming, ignore_errors=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for prefix in range(256):
+            folder = self.root / f"{prefix:02x}"
+            folder.mkdir(exist_ok=True)
+            self._made.add(folder)
+        fsync_directory(self.root)
 
     def path(self, request_id: str) -> Path:
         return self.root / request_id[:2] / f"{request_id}.dcm"
