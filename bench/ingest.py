@@ -211,9 +211,16 @@ def send(port: int, scenario: Scenario) -> float:
         errors, _ = sender.communicate(timeout=600)
         if sender.returncode != 0:
             raise RuntimeError(
-                f"storescu failed ({sender.returncode}): {errors.decode(errors='replace')[-500:]}"
+                f"storescu failed ({_exit_meaning(sender.returncode)}): "
+                f"{errors.decode(errors='replace')[-500:]}"
             )
     return time.perf_counter() - start
+
+
+def _exit_meaning(code: int) -> str:
+    """storescu exits with the high byte of the last failure status it was answered
+    (167: 0xA7xx, out of resources), else with dcmtk's own codes (60-79: the network)."""
+    return f"{code}: a C-STORE answered 0x{code:02X}xx" if code >= 0xA0 else str(code)
 
 
 def measure(
@@ -282,7 +289,10 @@ def end_to_end(
         port, _, log = running
         out = log.parent / "out"
         start = time.perf_counter()
-        send(port, Scenario("end to end", files))
+        try:
+            send(port, Scenario("end to end", files))
+        except RuntimeError as exc:
+            raise RuntimeError(f"end to end: {exc}\n{log.read_text()[-1500:]}") from None
         deadline = time.monotonic() + _E2E_SECONDS
         while _count(out) < len(files):
             if time.monotonic() > deadline:
