@@ -33,6 +33,7 @@ from soupflow.dicom import dimse, negotiation, pdu, status
 from soupflow.dicom.negotiation import AcceptedContext, Rejection, Request
 from soupflow.dicom.part10 import file_meta
 from soupflow.dicom.pdu import ProtocolError
+from soupflow.durable import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,14 @@ class _Dataset:
             except FileNotFoundError:  # the incoming folder was removed under us
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = path.open("wb", buffering=_WRITE_BUFFER)
-            self.file.write(
-                file_meta(
-                    command.affected_sop_class_uid,
-                    command.affected_sop_instance_uid,
-                    context.transfer_syntax,
-                )
+            self.behind = WriteBehind(self.file)
+            meta = file_meta(
+                command.affected_sop_class_uid,
+                command.affected_sop_instance_uid,
+                context.transfer_syntax,
             )
+            self.file.write(meta)
+            self.behind.wrote(len(meta))
         except OSError as exc:
             self._fail(exc)
 
@@ -116,6 +118,7 @@ class _Dataset:
             return
         try:
             self.file.write(fragment)
+            self.behind.wrote(len(fragment))
         except OSError as exc:
             self._fail(exc)
 

@@ -43,6 +43,7 @@ from python_multipart.multipart import MultipartParser
 from soupflow import tls
 from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject
+from soupflow.durable import WriteBehind
 from soupflow.events import fields
 from soupflow.ingest import Ingest
 from soupflow.receivers.http11 import next_event as _next_event
@@ -76,7 +77,9 @@ class _Part:
     path: Path
     file: BinaryIO
     content_type: str = ""
-    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.behind = WriteBehind(self.file)
 
 
 @dataclass
@@ -124,10 +127,10 @@ class _Body:
         part = self.parts[-1]
         try:
             part.file.write(data[start:end])
+            part.behind.wrote(end - start)
         except OSError as exc:
             self.failure = self.failure or exc
             raise
-        part.bytes += end - start
 
     def _part_end(self) -> None:
         try:
