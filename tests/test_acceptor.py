@@ -7,6 +7,7 @@ under test.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from io import BytesIO
@@ -19,6 +20,7 @@ from pynetdicom import AE, build_role
 from pynetdicom.dsutils import decode
 
 from bench.scu import associate_request, pdv_pdu, read_pdu, store_command
+from soupflow.dicom.acceptor import WRITE_BEHIND_BYTES, WriteBehind
 from soupflow.dicom.status import SUCCESS
 from tests.dicom import (
     DEADLINE_SECONDS,
@@ -287,3 +289,18 @@ def test_a_pdu_out_of_place_is_aborted_with_its_reason(
         assert peer.abort_reason() == reason
         peer.close()
         assert send_files(running.port, [CT]) == [SUCCESS]
+
+
+def test_write_behind_hands_each_stretch_to_the_kernel_as_the_file_grows(tmp_path: Path) -> None:
+    """A large object's bytes leave the process's buffer at each threshold (and the kernel is
+    asked to write them back), so the final fsync has little left."""
+    on_disk = set()
+    piece = b"x" * 1000
+    with (tmp_path / "large.part").open("wb", buffering=4 * WRITE_BEHIND_BYTES) as file:
+        behind = WriteBehind(file)
+        for _ in range(5 * WRITE_BEHIND_BYTES // 2 // len(piece)):
+            file.write(piece)
+            behind.wrote(len(piece))
+            on_disk.add(os.fstat(file.fileno()).st_size)
+    stretch = -(-WRITE_BEHIND_BYTES // len(piece)) * len(piece)  # whole pieces past it
+    assert sorted(on_disk) == [0, stretch, 2 * stretch]  # nothing else left the 64 MB buffer

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from soupflow.durable import WRITE_BEHIND_BYTES, WriteBehind
 from soupflow.store.spool import Spool
 
 
@@ -51,18 +49,3 @@ def test_starting_makes_every_subfolder_and_keeps_what_is_committed(tmp_path: Pa
     ]
     assert spool.path("ab01").read_bytes() == b"a"
     assert list(spool.incoming.iterdir()) == []
-
-
-def test_write_behind_hands_each_stretch_to_the_kernel_as_the_file_grows(tmp_path: Path) -> None:
-    """A large object's bytes leave the process's buffer at each threshold (and the kernel is
-    asked to write them back), so the final fsync has little left."""
-    on_disk = set()
-    piece = b"x" * 1000
-    with (tmp_path / "large.part").open("wb", buffering=4 * WRITE_BEHIND_BYTES) as file:
-        behind = WriteBehind(file)
-        for _ in range(5 * WRITE_BEHIND_BYTES // 2 // len(piece)):
-            file.write(piece)
-            behind.wrote(len(piece))
-            on_disk.add(os.fstat(file.fileno()).st_size)
-    stretch = -(-WRITE_BEHIND_BYTES // len(piece)) * len(piece)  # whole pieces past it
-    assert sorted(on_disk) == [0, stretch, 2 * stretch]  # nothing else left the 64 MB buffer

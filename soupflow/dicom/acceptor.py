@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -33,12 +34,12 @@ from soupflow.dicom import dimse, negotiation, pdu, status
 from soupflow.dicom.negotiation import AcceptedContext, Rejection, Request
 from soupflow.dicom.part10 import file_meta
 from soupflow.dicom.pdu import ProtocolError
-from soupflow.durable import WriteBehind
 
 log = logging.getLogger(__name__)
 
 _READ_BUFFER = 256 * 1024
 _WRITE_BUFFER = 64 * 1024
+WRITE_BEHIND_BYTES = 16 * 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
 _MAX_COMMAND_BYTES = 64 * 1024  # a C-STORE-RQ command set is a few hundred bytes
 
@@ -84,6 +85,35 @@ class Handler(Protocol):
 
     def on_release(self, session: Session) -> None:
         """The association ended (released, aborted or lost), after `on_associate` accepted it."""
+
+
+class WriteBehind:
+    """The disk starts writing a large file while it is still being received, so that the
+    fsync that makes it durable has little left to wait for, and its bytes leave the page
+    cache instead of pushing out what else is cached. Every WRITE_BEHIND_BYTES written, the
+    file's buffer is flushed and the kernel asked to write that range back
+    (POSIX_FADV_DONTNEED starts writeback of dirty pages; it never drops one unwritten).
+    Files under the threshold (a CT image) are never touched. Advisory: a filesystem that
+    refuses the advice changes nothing."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.written = 0
+        self._started = 0  # where the range not yet handed to writeback begins
+
+    def wrote(self, count: int) -> None:
+        self.written += count
+        if self.written - self._started < WRITE_BEHIND_BYTES:
+            return
+        self.file.flush()
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(
+                self.file.fileno(),
+                self._started,
+                self.written - self._started,
+                os.POSIX_FADV_DONTNEED,
+            )
+        self._started = self.written
 
 
 class _Dataset:

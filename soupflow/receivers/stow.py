@@ -42,8 +42,7 @@ from python_multipart.multipart import MultipartParser
 
 from soupflow import tls
 from soupflow.dicom import status
-from soupflow.dicom.acceptor import ReceivedObject
-from soupflow.durable import WriteBehind
+from soupflow.dicom.acceptor import ReceivedObject, WriteBehind
 from soupflow.events import fields
 from soupflow.ingest import Ingest
 from soupflow.receivers.http11 import next_event as _next_event
