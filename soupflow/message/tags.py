@@ -34,7 +34,15 @@ def keyword_tags(found: Iterable[Element], notes: Notes) -> dict[str, Any]:
     return tags
 
 
+# Text VRs whose one value, as the readers give it (a str), is its JSON scalar as it is.
+_TEXT_AS_IS = frozenset(
+    ["AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"]
+)
+
+
 def _keyword_value(element: Element, notes: Notes) -> Any:
+    if type(element.value) is str and element.vr in _TEXT_AS_IS:  # most of a header
+        return element.value
     if element.is_bulk:
         return {"BulkData": {"VR": element.vr, "Length": element.bulk_length}}
     if element.vr == "SQ":
