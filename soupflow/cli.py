@@ -231,6 +231,7 @@ def _work(args: argparse.Namespace) -> int:
         _storage(args),
         args.lease_seconds,
         args.retention_days,
+        args.housekeeping,
     )
     try:
         runtime.start()
@@ -823,6 +824,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--node", default=node_name(), help="this machine's name in leases")
     worker.add_argument("--boot", default=new_boot(), help="this process's id in leases")
     worker.add_argument("--keep-objects", action="store_true")
+    worker.add_argument(
+        "--no-housekeeping",
+        dest="housekeeping",
+        action="store_false",
+        help="leave the retention purge and the orphan sweep to another process (`soupflow "
+        "run` passes it to its worker processes: it runs them once for all)",
+    )
     _egress_options(worker)
     _storage_options(worker)
     _lease_options(worker)

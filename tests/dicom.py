@@ -316,3 +316,24 @@ class CutSender:
     def join(self) -> None:
         self.thread.join(timeout=DEADLINE_SECONDS)
         assert not self.thread.is_alive(), "the sender did not give up"
+
+
+def command_line(pid: int) -> str:
+    """A process's command line, its arguments NUL-separated ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    except OSError:  # gone already
+        return ""
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the processes whose parent is `pid`."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # gone meanwhile
+            continue
+        if f"PPid:\t{pid}" in lines:
+            found.append(int(status.parent.name))
+    return found

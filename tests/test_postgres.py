@@ -19,6 +19,8 @@ from soupflow.store.queue import QueueError
 from tests import documents, records
 from tests.dicom import (
     RuntimeProcess,
+    children,
+    command_line,
     sample_file,
     soupflow,
     storescu_send,
@@ -125,7 +127,7 @@ def test_soupflow_run_receives_into_postgresql_and_status_and_dead_read_it(
     if processes == "1":  # the queue's URL reaches the worker process, not by its command line
 
         def commands() -> list[str]:  # a child just forked has no command line until exec
-            found = (_command_line(child) for child in _children(runtime.process.pid))
+            found = (command_line(child) for child in children(runtime.process.pid))
             return [command for command in found if "work" in command]
 
         command = wait_for(commands, "the worker process")[0]
@@ -255,22 +257,3 @@ def test_one_instance_arriving_at_two_nodes_at_once_is_queued_once(
     finally:
         for queue in nodes:
             queue.close()
-
-
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode()
-    except OSError:  # gone already
-        return ""
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            lines = status.read_text().splitlines()
-        except OSError:  # gone meanwhile
-            continue
-        if f"PPid:\t{pid}" in lines:
-            found.append(int(status.parent.name))
-    return found

@@ -11,9 +11,17 @@ from pathlib import Path
 
 from bench.data import images
 from soupflow.store.queue import State
+from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
-from tests.dicom import DEADLINE_SECONDS, RuntimeProcess, send_files, wait_for
+from tests.dicom import (
+    DEADLINE_SECONDS,
+    RuntimeProcess,
+    children,
+    command_line,
+    send_files,
+    wait_for,
+)
 from tests.documents import file_writer
 
 
@@ -80,3 +88,27 @@ def test_run_with_processes_restarts_a_worker_process_that_dies(tmp_path: Path) 
             not Path(f"/proc/{child}").exists()
             or "zombie" in Path(f"/proc/{child}/status").read_text()
         )
+
+
+def test_run_with_processes_sweeps_once_for_all_of_them(tmp_path: Path) -> None:
+    """The retention purge and the orphan sweep (a listing of every object) run in the
+    runtime, not again in each worker process."""
+    folder, data = workflows(tmp_path), tmp_path / "data"
+    orphan = Spool(data).path("orphan")  # committed, then a crash before its enqueue
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"object")
+    os.utime(orphan, (1_000_000, 1_000_000))
+    runtime = RuntimeProcess(folder, data, "--processes", "2")
+    try:
+        wait_for(lambda: "without a queue entry removed" in runtime.log_text(), "the sweep")
+        assert not orphan.exists()
+
+        def workers() -> list[str] | None:
+            found = [command_line(child) for child in children(runtime.process.pid)]
+            found = [line for line in found if "\0work\0" in line]
+            return found if len(found) == 2 else None
+
+        assert all("--no-housekeeping" in line for line in wait_for(workers, "2 workers"))
+        assert runtime.log_text().count("without a queue entry removed") == 1
+    finally:
+        runtime.terminate()

@@ -60,9 +60,11 @@ class WorkerRuntime:
         storage: Storage | None = None,
         lease_seconds: float = LEASE_SECONDS,
         retention_days: float = RETENTION_DAYS,
+        housekeeping: bool = True,
     ) -> None:
         self.storage = storage or Storage(data)
         self.lease_seconds, self.retention_days = lease_seconds, retention_days
+        self.housekeeping = housekeeping
         self.workflows_folder = workflows
         self.egress = egress or Egress()
         self.data = data
@@ -91,6 +93,7 @@ class WorkerRuntime:
             egress=self.egress,
             lease_seconds=self.lease_seconds,
             retention_days=self.retention_days,
+            housekeeping=self.housekeeping,
         )
         self.workers.start()
 

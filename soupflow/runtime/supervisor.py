@@ -165,6 +165,7 @@ class Runtime:
             egress=self.egress,
             lease_seconds=self.lease_seconds,
             retention_days=self.retention_days,
+            housekeeping=self.worker_count > 0,  # here, not in each worker process
         )
         self.workers.start()
         self._start_admin()
@@ -245,6 +246,7 @@ class Runtime:
             str(self.lease_seconds),
             "--retention-days",
             str(self.retention_days),
+            "--no-housekeeping",
         ]
         if self.storage.objects is not None:
             command += ["--objects", str(self.storage.objects)]

@@ -119,9 +119,12 @@ class Workers:
         idle_seconds: float = _IDLE_SECONDS,
         egress: Egress | None = None,
         retention_days: float = RETENTION_DAYS,
+        housekeeping: bool | None = None,
     ) -> None:
         """`egress`: where activities may connect (default: loopback only);
-        `retention_days`: how long finished messages stay in the queue (0: for ever)."""
+        `retention_days`: how long finished messages stay in the queue (0: for ever);
+        `housekeeping`: run the retention purge and the orphan sweep (default: when there
+        are workers; a runtime whose workers are in worker processes runs it once for them)."""
         egress = egress or Egress()
         self.queue = queue
         self.spool = spool
@@ -134,6 +137,7 @@ class Workers:
         self.lease_seconds = lease_seconds
         self.idle_seconds = idle_seconds  # how long an idle worker waits before it looks again
         self.retention_seconds = retention_days * 86400.0
+        self.runs_housekeeping = count > 0 if housekeeping is None else housekeeping
         self.http = http if http is not None else checked_client(egress.http)
         self.connections = Connections(egress=egress)
         self._stopping = threading.Event()
@@ -160,18 +164,19 @@ class Workers:
             )
             thread.start()
             self._threads.append(thread)
+        loops = []
         if self.count:
             if self.queue.watch(self.wake):  # messages other processes queue wake us too
                 # so polling is only the fallback (a worker process's 20 ms poll would cost
                 # a shared server two statements per idle worker 50 times a second)
                 self.idle_seconds = max(self.idle_seconds, _NOTIFIED_IDLE_SECONDS)
-            for target, name in (
-                (self._renew_loop, "soupflow-leases"),
-                (self._housekeeping_loop, "soupflow-housekeeping"),
-            ):
-                thread = threading.Thread(target=target, name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
+            loops.append((self._renew_loop, "soupflow-leases"))
+        if self.runs_housekeeping:
+            loops.append((self._housekeeping_loop, "soupflow-housekeeping"))
+        for target, name in loops:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the messages in progress (bounded by `timeout`), then stop."""
