@@ -153,6 +153,19 @@ def test_records_append_and_a_full_file_moves_on(tmp_path: Path) -> None:
     assert (tmp_path / "file-writer" / "records").is_dir()
 
 
+def test_a_record_is_appended_in_place_and_never_shortens_the_file(tmp_path: Path) -> None:
+    log = tmp_path / "out" / "log.txt"
+    log.parent.mkdir()
+    log.write_bytes(b"made by hand, no newline at the end")  # or a record torn by a crash
+    inode = log.stat().st_ino
+    writer = file_writer(FilePathToWrite="out/log.txt", MessageType=13, MessageTemplate="rec")
+    for _ in range(2):
+        assert run(documents.workflow(writer), tmp_path)[0].state == "completed"
+    assert log.read_text() == "made by hand, no newline at the end\nrec\nrec\n"
+    assert log.stat().st_ino == inode  # appended, not the whole file written again
+    assert [p.name for p in log.parent.iterdir()] == ["log.txt"]  # no temporary file left
+
+
 def test_the_writers_locks_stay_bounded_however_many_files_it_writes(tmp_path: Path) -> None:
     for number in range(100):
         writer = file_writer(FilePathToWrite=f"out/{number}.txt", MessageType=13)

@@ -3,8 +3,10 @@
 Text types append a record; Binary (14) base64-decodes the message and overwrites; DICOM (16)
 writes the received object's bytes. Relative paths are inside the data folder. The resolved
 path must stay inside the folder the setting names (the part before its first variable):
-a variable cannot climb out with `..` or an absolute path. Every write goes to a temporary
-file that is fsynced and renamed: no reader ever sees half a file. With
+a variable cannot climb out with `..` or an absolute path. A new file, and every overwrite,
+goes to a temporary file that is fsynced and renamed: no reader ever sees half a new file
+(output folders are often watched). A record for a file that exists is appended in place
+and fsynced (`durable.append`): rewriting the whole file made each record cost the file. With
 `MoveIntoDirectoryOnComplete`, a file that reaches `MaxRecordsPerFile` records moves into
 `DirectoryToMoveInto`; the record count is kept in the data folder (`file-writer/`), never
 beside the output: output folders are often watched by another system.
@@ -102,8 +104,10 @@ def _decoded(text: str) -> bytes:
 def _append(setting: model.FileWriterSenderSetting, target: Path, activity: Activity) -> None:
     record = activity.outbound if activity.outbound.endswith("\n") else activity.outbound + "\n"
     fresh = not target.exists()
-    existing = _header(setting) if fresh else target.read_bytes()
-    durable.replace(target, existing + record.encode("utf-8"))
+    if fresh:  # a new file appears whole, header and first record (renamed into place)
+        durable.replace(target, _header(setting) + record.encode("utf-8"))
+    else:
+        durable.append(target, record.encode("utf-8"))
     if not setting.move_into_directory_on_complete:
         return
     counter = activity.context.data_folder / BOOKKEEPING_FOLDER / "records" / _key(target)
