@@ -164,7 +164,10 @@ def _load_trusted(context: ssl.SSLContext, trusted: Path) -> None:
         ) from None
 
 
-def server_context(settings: ServerTls) -> ssl.SSLContext:
+def server_context(settings: ServerTls, *, naming_certificates: bool = False) -> ssl.SSLContext:
+    """`naming_certificates`: keep the certificate a client offers, so that a refused one is
+    logged by its fingerprint (OpenSSL's message callback; it costs the lock of the
+    interpreter for every record read, so only handshakes after a refusal use it)."""
     context = _base(ssl.Purpose.CLIENT_AUTH, settings.minimum_version)
     _load_chain(
         context,
@@ -177,6 +180,10 @@ def server_context(settings: ServerTls) -> ssl.SSLContext:
         context.verify_mode = (
             ssl.CERT_REQUIRED if settings.require_client_certificate else ssl.CERT_OPTIONAL
         )
+        # CPython's hook for SSL_CTX_set_msg_callback (private, 3.8 and later; without it a
+        # refused certificate is logged without its fingerprint)
+        if naming_certificates and hasattr(context, "_msg_callback"):
+            context._msg_callback = _keep_offered_certificate
     return context
 
 
@@ -198,50 +205,125 @@ def client_context(settings: ClientTls) -> ssl.SSLContext:
 
 
 class ServerContexts:
-    """A listener's context, made again when one of its files changes on disk (checked at
+    """A listener's contexts, made again when one of its files changes on disk (checked at
     each new connection: a stat of two or three files). A file that fails to load (half
-    written, say) keeps the previous context in use, with the error kept for the log."""
+    written, say) keeps the previous contexts in use, with the error kept for the log.
+
+    A handshake that refuses a client's certificate cannot see it afterwards; the next
+    handshakes from that address, for NAMING_SECONDS, use a context that keeps it, so that
+    a refused certificate is named by its fingerprint from the second attempt on."""
+
+    NAMING_SECONDS = 600.0
+    _NAMING_ADDRESSES = 256
 
     def __init__(self, settings: ServerTls) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._stamp = self._stamps()
-        self._context = server_context(settings)
+        self._contexts = self._made()
+        self._naming: dict[str, float] = {}  # address: until (monotonic)
         self.reload_error: str | None = None
+
+    def _made(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        plain = server_context(self.settings)
+        if self.settings.trusted_certificates_file is None:  # no client certificate asked
+            return plain, plain
+        return plain, server_context(self.settings, naming_certificates=True)
 
     def _stamps(self) -> tuple[tuple[int, int], ...]:
         return tuple(_stamp(path) for path in self.settings.files())
 
-    def current(self) -> ssl.SSLContext:
+    def current(self, address: str) -> ssl.SSLContext:
+        """The context for a handshake with a client at `address` (its IP)."""
         stamp = self._stamps()
         with self._lock:
             if stamp != self._stamp:
                 self._stamp = stamp
                 try:
-                    self._context = server_context(self.settings)
+                    self._contexts = self._made()
                     self.reload_error = None
                 except TlsError as exc:
                     self.reload_error = str(exc)
-            return self._context
+            plain, naming = self._contexts
+            until = self._naming.get(address)
+            if until is not None and until < time.monotonic():
+                del self._naming[address]
+                until = None
+            return plain if until is None else naming
+
+    def refused(self, address: str, error: HandshakeError) -> bool:
+        """After a failed handshake: True when the next ones from `address` will name the
+        certificate that this one refused without seeing it."""
+        if error.offered is not None or not error.certificate_refused:
+            return False
+        if self._contexts[0] is self._contexts[1]:
+            return False
+        with self._lock:
+            self._naming.pop(address, None)
+            self._naming[address] = time.monotonic() + self.NAMING_SECONDS
+            while len(self._naming) > self._NAMING_ADDRESSES:
+                del self._naming[next(iter(self._naming))]
+        return True
+
+    def accepted(self, address: str) -> None:
+        if self._naming:
+            with self._lock:
+                self._naming.pop(address, None)
 
 
-def handshake(
-    context: ssl.SSLContext,
-    connection: socket.socket,
-    deadline: float,
-    *,
-    server_side: bool,
-    server_name: str | None = None,
-) -> ssl.SSLSocket:
-    """Wrap `connection` and finish the handshake before `deadline` (monotonic), however the
-    peer trickles it; the socket comes back blocking, with its previous timeout."""
+class HandshakeError(OSError):
+    """A listener's handshake that failed: why, in one line, and the SHA-256 fingerprint of
+    the certificate the client offered (None: it offered none, or failed before)."""
+
+    def __init__(self, reason: str, offered: str | None, *, certificate_refused: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.offered = offered
+        self.certificate_refused = certificate_refused  # OpenSSL refused its certificate
+
+    def __str__(self) -> str:
+        offered = f" (client certificate sha256 {self.offered})" if self.offered else ""
+        return f"{self.reason}{offered}"
+
+
+_HANDSHAKE = 22  # the TLS record content type, and the Certificate message's type:
+_CERTIFICATE = 11  # RFC 8446 B.3, RFC 5246 7.4
+_TLS_1_3 = 0x0304
+_offered = threading.local()  # the certificate this thread's handshake was offered
+
+
+def _keep_offered_certificate(
+    connection: object, direction: str, version: int, content: int, kind: int, data: bytes
+) -> None:
+    """OpenSSL's message callback on a listener that asks for client certificates: the
+    client's Certificate message, seen before OpenSSL verifies it, so that a refused
+    handshake can name the certificate it refused. It runs in the handshaking thread."""
+    if direction == "read" and content == _HANDSHAKE and kind == _CERTIFICATE:
+        _offered.der = leaf_certificate(data, version)
+
+
+def leaf_certificate(message: bytes, version: int) -> bytes | None:
+    """The first (the peer's own) certificate of a TLS Certificate handshake message, as DER;
+    None for an empty list or a message that does not parse."""
+    body = memoryview(message)[4:]  # after the message type and its 3-byte length
+    if version >= _TLS_1_3 and body:  # a certificate_request_context comes first
+        body = body[1 + body[0] :]
+    if len(body) < 6:
+        return None
+    length = int.from_bytes(body[3:6], "big")
+    return bytes(body[6 : 6 + length]) if 0 < length <= len(body) - 6 else None
+
+
+def handshake(context: ssl.SSLContext, connection: socket.socket, deadline: float) -> ssl.SSLSocket:
+    """The listener's side: wrap `connection` and finish the handshake before `deadline`
+    (monotonic), however the peer trickles it; the socket comes back blocking, with its
+    previous timeout. HandshakeError says why not."""
     timeout = connection.gettimeout()
-    tls = context.wrap_socket(
-        connection,
-        server_side=server_side,
-        server_hostname=server_name,
-        do_handshake_on_connect=False,
-    )
+    _offered.der = None
+    try:
+        tls = context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+    except OSError as exc:  # the peer already left
+        raise HandshakeError(failure_reason(exc), None, certificate_refused=False) from exc
     tls.setblocking(False)
     try:
         while True:
@@ -255,9 +337,19 @@ def handshake(
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not any(select.select(readable, writable, [], remaining)):
                 raise TimeoutError("the TLS handshake did not finish within the timeout")
+    except OSError as exc:
+        tls.close()
+        der = _offered.der
+        raise HandshakeError(
+            failure_reason(exc),
+            hashlib.sha256(der).hexdigest() if der else None,
+            certificate_refused=isinstance(exc, ssl.SSLCertVerificationError),
+        ) from exc
     except BaseException:
         tls.close()
         raise
+    finally:
+        _offered.der = None
     tls.settimeout(timeout)
     return tls
 

@@ -28,6 +28,7 @@ from tests.dicom import (
     receiving,
     require_tool,
     sample_file,
+    wait_for,
 )
 
 CT = sample_file("CT_small.dcm")
@@ -130,6 +131,10 @@ def _python_handshake(port: int, context: ssl.SSLContext) -> str:
             return type(exc).__name__
 
 
+def _handshake_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+
+
 @pytest.mark.parametrize("case", ["another CA", "TLS 1.1", "wrong thumbprint", "cleartext"])
 def test_a_client_not_allowed_is_refused_and_others_still_store(
     tmp_path: Path, pki: Pki, case: str, caplog: pytest.LogCaptureFixture
@@ -137,9 +142,11 @@ def test_a_client_not_allowed_is_refused_and_others_still_store(
     caplog.set_level(logging.INFO)
     fields = {"ClientCertificateThumbPrint": "ab" * 32} if case == "wrong thumbprint" else {}
     with tls_listener(tmp_path, pki, **fields) as running:
-        if case == "another CA":
-            refused = storescu_tls(running.port, pki.stranger, pki.ca.path, CT)
-            assert refused.returncode != 0
+        if case == "another CA":  # twice: the second refusal names the certificate
+            for attempt in (1, 2):
+                refused = storescu_tls(running.port, pki.stranger, pki.ca.path, CT)
+                assert refused.returncode != 0
+                wait_for(lambda n=attempt: len(_handshake_failures(caplog)) == n, "the refusal")
         elif case == "TLS 1.1":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -166,7 +173,27 @@ def test_a_client_not_allowed_is_refused_and_others_still_store(
     assert all("\n" not in line for line in refusals)  # one line each
     if case == "wrong thumbprint":
         assert f"sha256 {pki.client.sha256}" in refusals[-1]
+    if case == "another CA":  # OpenSSL refused it unseen; its second handshake names it
+        first, second = _handshake_failures(caplog)
+        assert "the next handshake from 127.0.0.1 logs the certificate's sha256" in first
+        assert f"client certificate sha256 {pki.stranger.sha256}" in second
     assert not any(value in caplog.text for value in PHI)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_refused_certificate_is_named_from_its_second_handshake_over_either_version(
+    tmp_path: Path, pki: Pki, version: ssl.TLSVersion, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with tls_listener(tmp_path, pki) as running:
+        for attempt in (1, 2):
+            outcome = _python_handshake(running.port, _client(pki, pki.stranger, version))
+            assert outcome != "accepted"
+            wait_for(lambda n=attempt: len(_handshake_failures(caplog)) == n, "the refusal")
+    first, second = _handshake_failures(caplog)
+    assert "the next handshake from 127.0.0.1 logs the certificate's sha256" in first
+    assert "client certificate sha256" not in first
+    assert f"client certificate sha256 {pki.stranger.sha256}" in second
 
 
 def test_a_silent_tls_client_does_not_stop_another_storing(tmp_path: Path, pki: Pki) -> None:

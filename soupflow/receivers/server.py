@@ -225,20 +225,29 @@ class Server:
     ) -> tuple[socket.socket, tls.PeerCertificate | None] | None:
         """The TLS handshake and the thumbprint check; None (and one log line) when refused."""
         assert self.secure is not None
-        context = self.secure.current()
+        where = peer(connection)
+        address = where.rpartition(":")[0]
+        context = self.secure.current(address)
         if self.secure.reload_error:
             log.error(
                 "%s keeps its previous TLS certificate: %s", self.name, self.secure.reload_error
             )
-        where = peer(connection)
         deadline = time.monotonic() + self.limits.timeout_seconds
         try:
-            secured = tls.handshake(context, connection, deadline, server_side=True)
-        except (OSError, TimeoutError) as exc:
+            secured = tls.handshake(context, connection, deadline)
+        except tls.HandshakeError as exc:
+            naming = self.secure.refused(address, exc)
             log.warning(
-                "%s: TLS handshake with %s failed: %s", self.name, where, tls.failure_reason(exc)
+                "%s: TLS handshake with %s failed: %s%s",
+                self.name,
+                where,
+                exc,
+                f" (the next handshake from {address} logs the certificate's sha256)"
+                if naming
+                else "",
             )
             return None
+        self.secure.accepted(address)
         certificate = tls.peer_certificate(secured)
         allowed = self.fingerprints
         if allowed and (certificate is None or certificate.sha256 not in allowed):
