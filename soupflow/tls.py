@@ -142,7 +142,7 @@ def _readable_certificates(context: ssl.SSLContext, path: Path) -> None:
     if "-----BEGIN CERTIFICATE-----" not in text:
         raise TlsError(f"{path} holds no PEM certificate", "certificate")
     try:
-        ssl.create_default_context().load_verify_locations(cadata=text)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
     except ssl.SSLError as exc:
         raise TlsError(
             f"{path} does not parse as PEM certificates: {_reason(exc)}", "certificate"
