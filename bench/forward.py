@@ -82,7 +82,7 @@ def process(argv: list[str], log: Path, port: int | None = None) -> Iterator[int
         child = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=NODELAY)
     try:
         if port is not None:
-            wait_ready(port, child)
+            wait_ready(port, child, log)
         yield child.pid
     finally:
         child.terminate()

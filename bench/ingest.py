@@ -160,9 +160,13 @@ def command(
     return [storescp, "-od", str(folder / "out"), str(port)]
 
 
-def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
+def wait_ready(port: int, process: subprocess.Popen[bytes], log: Path | None = None) -> None:
+    """Until the receiver answers C-ECHO and, when its command line asks for worker processes
+    (`--processes N`), until `log` says that each of them is ready (their start-up, imports
+    and workflows, is not timed as delivery)."""
     echoscu = shutil.which("echoscu")
     deadline = time.monotonic() + _READY_SECONDS
+    expected = _worker_processes(process.args)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"receiver exited with {process.returncode}")
@@ -175,10 +179,21 @@ def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
                 check=False,
             ).returncode
             == 0
+            and (not expected or (log is not None and _ready_processes(log) >= expected))
         ):
             return
         time.sleep(0.05)
-    raise RuntimeError("receiver did not answer C-ECHO in time")
+    raise RuntimeError("receiver did not answer C-ECHO (or start its worker processes) in time")
+
+
+def _worker_processes(argv: object) -> int:
+    words = [str(word) for word in argv] if isinstance(argv, list) else []
+    return int(words[words.index("--processes") + 1]) if "--processes" in words else 0
+
+
+def _ready_processes(log: Path) -> int:
+    lines = log.read_text(errors="replace").splitlines()
+    return sum(1 for line in lines if "worker process" in line and " ready: " in line)
 
 
 def peak_rss(pid: int) -> int:
@@ -262,7 +277,7 @@ def receiving(
         with log.open("wb") as output:
             process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=NODELAY)
         try:
-            wait_ready(port, process)
+            wait_ready(port, process, log)
             yield port, process.pid, log
         finally:
             process.terminate()

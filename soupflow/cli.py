@@ -238,6 +238,12 @@ def _work(args: argparse.Namespace) -> int:
     except (QueueError, NoDataError) as exc:
         _say(_err, f"cannot start: {exc}", "red")
         return EXIT_PROBLEMS
+    logging.getLogger(__name__).info(
+        "worker process %s ready: %d workers, %d workflows",
+        args.boot,
+        args.workers,
+        len(runtime.known),
+    )
     watcher = threading.Thread(
         target=watch, args=(args.workflows, runtime.reload, stopping), daemon=True
     )

@@ -74,6 +74,10 @@ def test_run_with_processes_restarts_a_worker_process_that_dies(tmp_path: Path) 
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: "starting another" in runtime.log_text(), "the worker process to be replaced")
     wait_for(lambda: runtime.log_text().count("started (pid") >= 2, "its replacement")
+    replacement = runtime.log_text().split(" started (pid")[-2].rsplit("worker process ", 1)[1]
+    wait_for(  # it says when it can work: its imports and workflows loaded
+        lambda: f"worker process {replacement} ready: " in runtime.log_text(), "it to be ready"
+    )
     files = images(tmp_path / "send", 10, 32, 32)
     assert send_files(runtime.port, files) == [0] * 10
     wait_for(lambda: states(data) == [State.COMPLETED] * 10, "every message")
