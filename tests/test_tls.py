@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from bench.scu import associate_request
+from soupflow import tls
 from soupflow.workflow.load import load_file
 from tests import documents
 from tests.certs import Issued, Pki
@@ -316,3 +317,21 @@ def test_stopping_aborts_an_open_tls_association_from_its_own_thread(
             ended = b""
         assert ended == b""
         assert running.listener.active_associations == 0
+
+
+def test_the_offered_certificate_parser_takes_the_first_certificate_and_refuses_garbage(
+    pki: Pki,
+) -> None:
+    """The Certificate message comes from the peer before OpenSSL has checked it."""
+    der = ssl.PEM_cert_to_DER_cert(pki.stranger.certificate.read_text())
+    entry = len(der).to_bytes(3, "big") + der
+    tls12 = len(entry).to_bytes(3, "big") + entry
+    tls13 = b"\x00" + len(entry + b"\x00\x00").to_bytes(3, "big") + entry + b"\x00\x00"
+    for body, version in ((tls12, 0x0303), (tls13, 0x0304)):
+        message = b"\x0b" + len(body).to_bytes(3, "big") + body
+        assert tls.leaf_certificate(message, version) == der
+        assert tls.leaf_certificate(message[: len(message) // 2], version) is None  # cut short
+    empty = b"\x0b\x00\x00\x03\x00\x00\x00"  # a client that sent no certificate
+    assert tls.leaf_certificate(empty, 0x0303) is None
+    assert tls.leaf_certificate(b"", 0x0304) is None
+    assert tls.leaf_certificate(b"\x0b\x00\x00\x01\xff", 0x0304) is None  # context too long
