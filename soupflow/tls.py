@@ -37,6 +37,9 @@ _SHORT_NAMES = {
     "localityName": "L",
     "domainComponent": "DC",
 }
+# CPython's hook for SSL_CTX_set_msg_callback (private, 3.8 and later); without it a
+# refused client certificate is logged without its fingerprint
+_CAN_NAME = hasattr(ssl.SSLContext, "_msg_callback")
 _ENV = re.compile(r"^\s*\$\{\s*env:([A-Za-z_][A-Za-z0-9_]*)\s*\}\s*$")
 
 
@@ -180,10 +183,8 @@ def server_context(settings: ServerTls, *, naming_certificates: bool = False) ->
         context.verify_mode = (
             ssl.CERT_REQUIRED if settings.require_client_certificate else ssl.CERT_OPTIONAL
         )
-        # CPython's hook for SSL_CTX_set_msg_callback (private, 3.8 and later; without it a
-        # refused certificate is logged without its fingerprint)
-        if naming_certificates and hasattr(context, "_msg_callback"):
-            context._msg_callback = _keep_offered_certificate
+        if naming_certificates and _CAN_NAME:
+            context._msg_callback = _keep_offered_certificate  # type: ignore[attr-defined]
     return context
 
 
@@ -224,9 +225,14 @@ class ServerContexts:
         self._naming: dict[str, float] = {}  # address: until (monotonic)
         self.reload_error: str | None = None
 
+    @property
+    def _names_certificates(self) -> bool:
+        """A client certificate is asked for, and this Python can see the one offered."""
+        return self.settings.trusted_certificates_file is not None and _CAN_NAME
+
     def _made(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
         plain = server_context(self.settings)
-        if self.settings.trusted_certificates_file is None:  # no client certificate asked
+        if not self._names_certificates:
             return plain, plain
         return plain, server_context(self.settings, naming_certificates=True)
 
@@ -256,7 +262,7 @@ class ServerContexts:
         certificate that this one refused without seeing it."""
         if error.offered is not None or not error.certificate_refused:
             return False
-        if self._contexts[0] is self._contexts[1]:
+        if not self._names_certificates:
             return False
         with self._lock:
             self._naming.pop(address, None)
