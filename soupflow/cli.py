@@ -232,6 +232,7 @@ def _work(args: argparse.Namespace) -> int:
         args.lease_seconds,
         args.retention_days,
         args.housekeeping,
+        args.metrics_file,
     )
     try:
         runtime.start()
@@ -836,6 +837,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="leave the retention purge and the orphan sweep to another process (`soupflow "
         "run` passes it to its worker processes: it runs them once for all)",
+    )
+    worker.add_argument(
+        "--metrics-file",
+        type=Path,
+        help="write this process's counters there every second, for the /metrics of the "
+        "runtime that started it (`soupflow run --processes` passes it)",
     )
     _egress_options(worker)
     _storage_options(worker)

@@ -5,22 +5,28 @@ runtime.workers (finished messages, their latency), pipeline.run (activity attem
 durations), runtime.admin_http (`/metrics`). Labels are bounded: `workflow` is the
 WorkflowId, `activity` the setting's Id, `status` a DIMSE status in hex, `state` and `result`
 small fixed sets. Never a UID, a patient value or an address. The queue's gauges are read
-from the queue at each scrape (`QueueCollector`), so they are true across processes.
+from the queue at each scrape (`QueueCollector`), so they are true across processes. The
+counters and histograms of a worker process are its own: it reports them (`report`, written
+to a file every second by runtime.processes) and its runtime's `/metrics` adds them to its
+own (`WithReports`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import version
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from soupflow.store.queue import Queue, State
 
 REGISTRY = CollectorRegistry()
+# What adds up across processes, as one row per sample: (family, sample, labels, value).
+ReportRow = tuple[str, str, dict[str, str], float]
+_ADDED_UP = frozenset(("counter", "histogram"))
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _LATENCY = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -146,3 +152,44 @@ class RuntimeCollector(Collector):
             active.add_metric([workflow_id], connections)
         yield info
         yield active
+
+
+def report() -> list[ReportRow]:
+    """This process's counters and histograms, for its runtime to add to its own (their
+    `_created` timestamps are left out: the runtime's own say when counting started)."""
+    return [
+        (family.name, sample.name, sample.labels, sample.value)
+        for family in REGISTRY.collect()
+        if family.type in _ADDED_UP
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    ]
+
+
+class WithReports(Collector):
+    """REGISTRY's metrics with what other processes reported added to its counters and
+    histograms: one family per name, as Prometheus requires, summed by labels."""
+
+    def __init__(self, reports: Callable[[], Iterable[Iterable[ReportRow]]]) -> None:
+        self._reports = reports
+
+    def collect(self) -> Iterator[Metric]:
+        added: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for rows in self._reports():
+            for family_name, sample_name, sample_labels, count in rows:
+                samples = added.setdefault(family_name, {})
+                key = (sample_name, tuple(sorted(sample_labels.items())))
+                samples[key] = samples.get(key, 0.0) + count
+        for family in REGISTRY.collect():
+            extra = added.get(family.name)
+            if not extra or family.type not in _ADDED_UP:
+                yield family
+                continue
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                total = sample.value + extra.pop(key, 0.0)
+                merged.add_sample(sample.name, sample.labels, total, sample.timestamp)
+            for (name, labels), value in extra.items():  # label values only they have seen
+                merged.add_sample(name, dict(labels), value)
+            yield merged

@@ -5,6 +5,8 @@ storescu), a rejected association, a retry and a dead message; `/healthz`; `/rea
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sqlite3
 import ssl
@@ -17,10 +19,19 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.data import images
 from soupflow.store.sqlite import SqliteQueue
 from tests import documents
 from tests.certs import Pki
-from tests.dicom import RuntimeProcess, associate, sample_file, soupflow, storescu_send, wait_for
+from tests.dicom import (
+    RuntimeProcess,
+    associate,
+    sample_file,
+    send_files,
+    soupflow,
+    storescu_send,
+    wait_for,
+)
 from tests.documents import RECEIVER_ID
 from tests.http_peer import HttpPeer
 
@@ -53,7 +64,12 @@ def value(found: dict[Any, float], metric: str, **labels: str) -> float:
     return found.get((metric, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_count_stores_rejections_retries_and_dead_messages(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", ["0", "1"], ids=["in-process", "worker-process"])
+def test_metrics_count_stores_rejections_retries_and_dead_messages(
+    tmp_path: Path, processes: str
+) -> None:
+    """With `--processes 1` the workers' counts (finished, latency, attempts) are the worker
+    process's: the runtime's /metrics adds what its worker processes report."""
     peer = HttpPeer(statuses=[503, 200, 400])  # first: a retry then success; second: dead
     sender = documents.http_sender(
         HTTP_ID, Server=peer.url, RetryInitialSeconds=0, RetryMaxSeconds=1
@@ -64,7 +80,7 @@ def test_metrics_count_stores_rejections_retries_and_dead_messages(tmp_path: Pat
         workflows / "intake.json",
         documents.workflow(sender, Port=0, AcceptedCallingAETs="STORESCU"),
     )
-    runtime = RuntimeProcess(workflows, data, "--workers", "1")
+    runtime = RuntimeProcess(workflows, data, "--workers", "1", "--processes", processes)
     try:
         storescu_send(runtime.port, CT)
         wait_for(lambda: len(peer.requests) == 2, "the retry and the success")
@@ -82,10 +98,16 @@ def test_metrics_count_stores_rejections_retries_and_dead_messages(tmp_path: Pat
             queue.close()
         url = admin_url(data)
         assert get(url + "healthz")[0] == 200
-        code, text = get(url + "metrics")
-        assert code == 200
-        found = samples(text)
         workflow = {"workflow": RECEIVER_ID}
+
+        def scraped() -> tuple[str, dict[Any, float]] | None:
+            code, text = get(url + "metrics")
+            assert code == 200
+            found = samples(text)  # a worker process reports its counts every second
+            done = value(found, "soupflow_message_latency_seconds_count", **workflow) == 2
+            return (text, found) if done else None
+
+        text, found = wait_for(scraped, "the workers' counts")
         assert value(found, "soupflow_associations_total", result="accepted", **workflow) == 2
         assert value(found, "soupflow_associations_total", result="rejected", **workflow) == 1
         assert value(found, "soupflow_instances_received_total", **workflow) == 2
@@ -112,6 +134,45 @@ def test_metrics_count_stores_rejections_retries_and_dead_messages(tmp_path: Pat
         peer.close()
         assert runtime.terminate() == 0
     assert not (data / "admin.json").exists()
+
+
+def test_a_killed_worker_process_keeps_its_counts_in_the_runtimes_metrics(
+    tmp_path: Path,
+) -> None:
+    """A worker process killed with SIGKILL: what it reported stays in the totals (no
+    counter goes down, which Prometheus would read as a restart), kept in one file for all
+    the children that exited, beside its replacement's."""
+    workflows, data = tmp_path / "workflows", tmp_path / "data"
+    workflows.mkdir()
+    writer = documents.file_writer(FilePathToWrite="out/${SOPInstanceUID}.dcm")
+    documents.write(
+        workflows / "intake.json", documents.workflow(writer, Port=0, AcceptedCallingAETs="*")
+    )
+    runtime = RuntimeProcess(workflows, data, "--processes", "1", "--workers", "1")
+    completed = {"workflow": RECEIVER_ID, "state": "completed"}
+
+    def finished() -> float:
+        code, text = get(admin_url(data) + "metrics")
+        assert code == 200
+        return value(samples(text), "soupflow_messages_finished_total", **completed)
+
+    def children() -> list[str]:
+        return [line for line in runtime.log_text().splitlines() if " started (pid " in line]
+
+    try:
+        assert send_files(runtime.port, images(tmp_path / "first", 3, 16, 16)) == [0] * 3
+        wait_for(lambda: finished() == 3, "3 finished in the worker process's report")
+        first = wait_for(children, "the worker process")[0]
+        os.kill(int(first.rsplit("pid ", 1)[1].rstrip(")")), signal.SIGKILL)
+        wait_for(lambda: len(children()) == 2, "its replacement")
+        assert finished() == 3
+        assert send_files(runtime.port, images(tmp_path / "then", 2, 16, 16)) == [0] * 2
+        wait_for(lambda: finished() == 5, "the replacement's 2 added to the 3")
+        reports = sorted(path.name for path in (data / "worker-metrics").iterdir())
+        replacement = children()[1].split("worker process ", 1)[1].split(" ", 1)[0]
+        assert reports == sorted(["departed.json", f"{replacement}.json"])
+    finally:
+        assert runtime.terminate() == 0
 
 
 def test_readyz_is_503_naming_a_listener_that_cannot_bind(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import h11
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from soupflow import admin, durable, metrics, tls
 from soupflow.receivers.http11 import next_event
@@ -64,8 +65,12 @@ class AdminServer:
         storage: Storage,
         workflows: Path | None = None,
         secure: tls.ServerContexts | None = None,
+        exposed: Collector | None = None,
     ) -> None:
-        """`secure`: the endpoint speaks HTTPS only (`--admin-certificate`, ...)."""
+        """`secure`: the endpoint speaks HTTPS only (`--admin-certificate`, ...); `exposed`:
+        what `/metrics` shows (default: this process's registry)."""
+        self.exposed = CollectorRegistry(auto_describe=False)
+        self.exposed.register(exposed if exposed is not None else metrics.WithReports(list))
         self.token = token
         self.scheme = "https" if secure is not None else "http"
         self.readiness = readiness
@@ -146,7 +151,7 @@ class AdminServer:
         if path == "/api/status":
             return 200, "application/json", json.dumps(self._status()).encode("utf-8")
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(metrics.REGISTRY)
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.exposed)
         if path == "/healthz":
             return 200, "application/json", b'{"status": "ok"}'
         if path == "/readyz":

@@ -11,13 +11,23 @@ incoming folder. The runtime watches its children: one that exits unexpectedly h
 leases taken back at once (`Queue.recover` of its own `node/boot`) and is started again;
 one whose runtime exits stops too. An idle worker process looks at the queue every
 `POLL_SECONDS` (a message queued by the runtime waits at most that long).
+
+What a worker process counts (finished messages, latencies, activity attempts) it writes to
+`<data>/worker-metrics/<boot>.json` every `REPORT_SECONDS` and when it stops; the runtime's
+`/metrics` adds those files to its own counts. A child that exits has its last report folded
+into `departed.json`, so that no total goes down while the runtime runs (one killed with
+SIGKILL loses at most its last second). The runtime clears the folder when it starts, as its
+own counters start again from zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +36,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from soupflow import durable, metrics
 from soupflow.network import Egress
 from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
 from soupflow.store import Storage
@@ -38,6 +49,9 @@ log = logging.getLogger(__name__)
 _WATCH_SECONDS = 0.5
 POLL_SECONDS = 0.02
 _STOP_SECONDS = 40.0  # a child's workers get 30 s to finish their messages
+REPORTS_FOLDER = "worker-metrics"
+REPORT_SECONDS = 1.0
+_DEPARTED = "departed"
 
 
 def new_boot() -> str:
@@ -61,8 +75,13 @@ class WorkerRuntime:
         lease_seconds: float = LEASE_SECONDS,
         retention_days: float = RETENTION_DAYS,
         housekeeping: bool = True,
+        metrics_file: Path | None = None,
     ) -> None:
+        """`metrics_file`: where this process's counts go for its runtime (`--metrics-file`)."""
         self.storage = storage or Storage(data)
+        self.metrics_file = metrics_file
+        self._reporting = threading.Event()
+        self._reporter: threading.Thread | None = None
         self.lease_seconds, self.retention_days = lease_seconds, retention_days
         self.housekeeping = housekeeping
         self.workflows_folder = workflows
@@ -96,6 +115,31 @@ class WorkerRuntime:
             housekeeping=self.housekeeping,
         )
         self.workers.start()
+        if self.metrics_file is not None:
+            self._reporter = threading.Thread(
+                target=self._report_loop, name="soupflow-metrics-report", daemon=True
+            )
+            self._reporter.start()
+
+    def _report_loop(self) -> None:
+        failing = False
+        while True:
+            stopping = self._reporting.wait(REPORT_SECONDS)
+            try:
+                self._report()
+            except OSError as exc:  # a full disk: the counts are reported once it has room
+                if not failing:
+                    log.error("cannot report metrics to the runtime: %s", exc.strerror or exc)
+                failing = True
+            else:
+                failing = False
+            if stopping:
+                return
+
+    def _report(self) -> None:
+        assert self.metrics_file is not None
+        data = json.dumps(metrics.report()).encode("utf-8")
+        durable.replace(self.metrics_file, data, sync=False)
 
     def reload(self) -> None:
         """Know the last good version of every workflow the folder has defined."""
@@ -118,6 +162,10 @@ class WorkerRuntime:
             if self.workers is not None:
                 self.workers.stop()
                 self.workers = None
+            if self._reporter is not None:  # one last report, with every message finished
+                self._reporting.set()
+                self._reporter.join()
+                self._reporter = None
             if self.queue is not None:
                 self.queue.close()
                 self.queue = None
@@ -129,23 +177,31 @@ class WorkerProcesses:
     def __init__(
         self,
         count: int,
-        command: Callable[[str], list[str]],
+        command: Callable[[str, Path | None], list[str]],
         queue: Queue,
         node: str,
         environment: dict[str, str] | None = None,
+        reports: Path | None = None,
     ) -> None:
-        """`environment`: variables the children get besides ours (secrets such as the
-        queue's URL go there, not on a command line every local user can read)."""
+        """`command`: a boot and its metrics file -> the child's command line;
+        `environment`: variables the children get besides ours (secrets such as the
+        queue's URL go there, not on a command line every local user can read);
+        `reports`: the folder of the children's metrics files (`reports()`)."""
         self.count = count
+        self.reports_folder = reports
         self.environment = {**os.environ, **(environment or {})}
-        self.command = command  # boot -> the child's command line
+        self.command = command
         self.queue = queue
         self.node = node
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._reports_lock = threading.Lock()  # a scrape never sees a report folded halfway
 
     def start(self) -> None:
+        if self.reports_folder is not None:  # what children of an earlier run counted
+            shutil.rmtree(self.reports_folder, ignore_errors=True)
+            self.reports_folder.mkdir(parents=True, exist_ok=True)
         for _ in range(self.count):
             self._spawn()
         self._watcher = threading.Thread(
@@ -156,7 +212,7 @@ class WorkerProcesses:
     def _spawn(self) -> None:
         boot = new_boot()
         self._children[boot] = subprocess.Popen(
-            self.command(boot), env=self.environment
+            self.command(boot, self._report_file(boot)), env=self.environment
         )  # its lines go to ours
         log.info("worker process %s started (pid %d)", boot, self._children[boot].pid)
 
@@ -171,7 +227,39 @@ class WorkerProcesses:
                 )
                 taken = self.queue.recover(f"{self.node}/{boot}", time.time())
                 taken_back(taken, f"worker process {boot} held")
+                self._fold(boot)
                 self._spawn()
+
+    def _report_file(self, boot: str) -> Path | None:
+        return None if self.reports_folder is None else self.reports_folder / f"{boot}.json"
+
+    def reports(self) -> list[list[metrics.ReportRow]]:
+        """What the children reported (and those that exited), for `metrics.WithReports`."""
+        if self.reports_folder is None:
+            return []
+        with self._reports_lock:
+            return [_read_report(path) for path in sorted(self.reports_folder.glob("*.json"))]
+
+    def _fold(self, boot: str) -> None:
+        """Add an exited child's last report to the departed ones' (its file goes)."""
+        gone, departed = self._report_file(boot), self._report_file(_DEPARTED)
+        if gone is None or departed is None or not gone.exists():
+            return
+        with self._reports_lock:
+            sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+            for family, name, labels, value in _read_report(departed) + _read_report(gone):
+                key = (family, name, tuple(sorted(labels.items())))
+                sums[key] = sums.get(key, 0.0) + value
+            rows = [
+                [family, name, dict(labels), value]
+                for (family, name, labels), value in sums.items()
+            ]
+            try:
+                durable.replace(departed, json.dumps(rows).encode("utf-8"), sync=False)
+            except OSError as exc:  # a full disk: its counts stay in its own file meanwhile
+                log.error("cannot keep the metrics of worker process %s: %s", boot, exc)
+                return
+            gone.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """SIGTERM every child (each finishes its messages), then wait; kill what is left."""
@@ -196,3 +284,13 @@ def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return ""
+
+
+def _read_report(path: Path) -> list[metrics.ReportRow]:
+    """A metrics file's rows; none when it cannot be read (it is replaced whole, never torn)."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return [
+            (str(family), str(name), {str(k): str(v) for k, v in labels.items()}, float(value))
+            for family, name, labels, value in json.loads(path.read_bytes())
+        ]
+    return []

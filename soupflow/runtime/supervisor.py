@@ -34,7 +34,7 @@ from soupflow.runtime import listeners_file, reconcile
 from soupflow.runtime.admin_http import AdminServer
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
 from soupflow.runtime.pacing import BACKLOG_LIMIT, Pacing
-from soupflow.runtime.processes import WorkerProcesses, digest, new_boot
+from soupflow.runtime.processes import REPORTS_FOLDER, WorkerProcesses, digest, new_boot
 from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
 from soupflow.store import Storage
 from soupflow.store.queue import Queue
@@ -176,6 +176,7 @@ class Runtime:
                 self.queue,
                 self.node,
                 {"SOUPFLOW_QUEUE": self.storage.queue} if self.storage.queue else None,
+                self.data / REPORTS_FOLDER,
             )
             self.children.start()
 
@@ -193,6 +194,7 @@ class Runtime:
             dataclasses.replace(self.storage, lent=self.queue),  # no queue opened per request
             self.workflows_folder,
             self.admin_tls,
+            metrics.WithReports(self._reports),
         )
         try:
             admin.start()
@@ -226,7 +228,11 @@ class Runtime:
             for workflow_id, entry in list(self.running.items())
         ]
 
-    def _work_command(self, boot: str) -> list[str]:
+    def _reports(self) -> list[list[metrics.ReportRow]]:
+        children = self.children
+        return children.reports() if children is not None else []
+
+    def _work_command(self, boot: str, metrics_file: Path | None) -> list[str]:
         command = [
             sys.executable,
             "-m",
@@ -248,6 +254,8 @@ class Runtime:
             str(self.retention_days),
             "--no-housekeeping",
         ]
+        if metrics_file is not None:
+            command += ["--metrics-file", str(metrics_file)]
         if self.storage.objects is not None:
             command += ["--objects", str(self.storage.objects)]
         for entry in self.egress.tcp.entries:
