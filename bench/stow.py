@@ -6,8 +6,10 @@ The same client for both: K curl processes, each POSTing its share of the instan
 keep-alive connection (K = 1 and 4), one POST per instance (`multipart/related;
 type="application/dicom"`, one part), CT-sized instances (bench.data.images); `--client
 httpx` uses httpx in K threads instead (a Python client that shares the two cores' interpreter
-time with nothing but itself, yet costs more CPU per request than curl). soupflow runs `--workers 0`: each instance fsynced and queued before
-the answer (Orthanc does not fsync). Then one large instance (1 GB; 20 MB in smoke mode)
+time with nothing but itself, yet costs more CPU per request than curl). soupflow runs
+`--workers 0`: each instance fsynced and queued before the answer (Orthanc does not fsync);
+"soupflow, 1 worker process" adds `--processes 1`, whose worker process serves some of the
+connections (timed once it says it takes them). Then one large instance (1 GB; 20 MB in smoke mode)
 POSTed to soupflow with its Content-Length, streamed from the file: MB/s and the
 receiver's peak RSS. Medians of the runs; each receiver is a fresh process per run.
 """
@@ -37,10 +39,11 @@ from bench.ingest import NODELAY, free_port, peak_rss, soupflow_run
 _RECEIVER_ID = "f0000000-0000-4000-8000-000000000001"
 _BOUNDARY = "soupflow-bench"
 _READY_SECONDS = 30.0
-RECEIVERS = ("soupflow", "orthanc")
+RECEIVERS = ("soupflow", "soupflow, 1 worker process", "orthanc")
+_SHARING = "takes STOW-RS connections"  # a worker process's line: it serves some from now on
 
 
-def _soupflow(folder: Path, port: int) -> tuple[list[str], str]:
+def _soupflow(folder: Path, port: int, *options: str) -> tuple[list[str], str]:
     workflows = folder / "workflows"
     workflows.mkdir()
     receiver = {
@@ -51,7 +54,7 @@ def _soupflow(folder: Path, port: int) -> tuple[list[str], str]:
     }
     document = {"Name": "bench", "WorkflowId": _RECEIVER_ID, "WorkflowPattern": [receiver]}
     (workflows / "bench.json").write_text(json.dumps(document), encoding="utf-8")
-    command = soupflow_run(workflows, folder / "data", "--workers", "0")
+    command = soupflow_run(workflows, folder / "data", "--workers", "0", *options)
     return command, f"http://127.0.0.1:{port}/dicom-web"
 
 
@@ -80,7 +83,11 @@ def receiving(receiver: str, work: Path) -> Iterator[tuple[str, int] | None]:
     """A fresh receiver whose STOW-RS answers: (its base URL, pid), or None if absent."""
     with tempfile.TemporaryDirectory(dir=work) as name:
         folder, port = Path(name), free_port()
-        made = _soupflow(folder, port) if receiver == "soupflow" else _orthanc(folder, port)
+        processes = ("--processes", "1") if receiver == "soupflow, 1 worker process" else ()
+        if receiver == "orthanc":
+            made = _orthanc(folder, port)
+        else:
+            made = _soupflow(folder, port, *processes)
         if made is None:
             yield None
             return
@@ -89,7 +96,8 @@ def receiving(receiver: str, work: Path) -> Iterator[tuple[str, int] | None]:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=NODELAY)
         try:
             deadline = time.monotonic() + _READY_SECONDS
-            while not _answers(base):
+            log_file = folder / "receiver.log"
+            while not _answers(base) or (processes and _SHARING not in log_file.read_text()):
                 if process.poll() is not None or time.monotonic() > deadline:
                     tail = (folder / "receiver.log").read_text(errors="replace")[-1500:]
                     raise RuntimeError(f"{receiver} did not answer\n{tail}")
@@ -243,18 +251,18 @@ def main(arguments: list[str] | None = None) -> list[str]:
     lines = [
         f"STOW-RS ingest: {len(files)} CT-sized instances, one POST each ({options.client})",
         "",
-        "| connections | receiver | rate (median) | soupflow / this |",
+        "| connections | receiver | rate (median) | this / orthanc |",
         "|---:|---|---:|---:|",
     ]
     for connections in levels:
-        ours = rates.get(("soupflow", connections))
+        theirs = rates.get(("orthanc", connections))
         for receiver in RECEIVERS:
             found = rates.get((receiver, connections))
             if not found:
                 lines.append(f"| {connections} | {receiver} | not installed | |")
                 continue
             rate = statistics.median(found)
-            ratio = f"{statistics.median(ours) / rate:.2f}" if ours else ""
+            ratio = f"{rate / statistics.median(theirs):.2f}" if theirs else ""
             lines.append(f"| {connections} | {receiver} | {rate:,.0f} inst/s | {ratio} |")
     lines += [
         "",

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -233,6 +234,8 @@ def _work(args: argparse.Namespace) -> int:
         args.retention_days,
         args.housekeeping,
         args.metrics_file,
+        socket.socket(fileno=args.control_fd) if args.control_fd is not None else None,
+        args.backlog_limit,
     )
     try:
         runtime.start()
@@ -843,6 +846,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="write this process's counters there every second, for the /metrics of the "
         "runtime that started it (`soupflow run --processes` passes it)",
+    )
+    worker.add_argument(
+        "--control-fd",
+        type=int,
+        help="a Unix socket from the runtime that started it: serve the connections it hands "
+        "over (`soupflow run --processes` passes it)",
+    )
+    worker.add_argument(
+        "--backlog-limit", type=int, default=BACKLOG_LIMIT, help="as `run --backlog-limit`"
     )
     _egress_options(worker)
     _storage_options(worker)

@@ -362,14 +362,7 @@ def test_a_client_that_stalls_is_disconnected_and_others_are_served(tmp_path: Pa
 
 
 def test_stow_over_mutual_tls_with_a_thumbprint_list(tmp_path: Path, pki: Pki) -> None:
-    receiver = stow_receiver(
-        UseSsl=True,
-        CertificateFile=str(pki.server.certificate),
-        PrivateKeyFile=str(pki.server.key),
-        TrustedCertificatesFile=str(pki.ca.path),
-        AuthenticationType=2,
-        ClientCertificateThumbPrint=pki.client.sha256,
-    )
+    receiver = stow_receiver(**pki.listener(ClientCertificateThumbPrint=pki.client.sha256))
     runtime = running(tmp_path, receiver)
     url = f"https://127.0.0.1:{runtime.ports[RECEIVER_ID]}/dicom-web/studies"
     body, boundary = multipart(CT.read_bytes())

@@ -3,6 +3,8 @@ receiver modules, each a front door that turns network input into `ingest.Ingest
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -12,6 +14,33 @@ if TYPE_CHECKING:
 
 class ReceiverError(Exception):
     """A receiver could not start (port in use, not permitted, bad address)."""
+
+
+class Admission(Protocol):
+    """What a listener counts across its connections, whichever process serves them: a
+    slot is "request" (one of `MaxConcurrentRequests`) or "delivery:<id>" (a delivery being
+    received)."""
+
+    def admit(self, slot: str) -> bool:
+        """Take the slot; False when it is not free."""
+        ...
+
+    def release(self, slot: str) -> None:
+        """Give a taken slot back."""
+        ...
+
+
+class Sharing(Protocol):
+    """Worker processes that may serve a listener's connections (runtime.handoff)."""
+
+    def share(self, listener: Any) -> None: ...
+
+    def unshare(self, listener: Any) -> None: ...
+
+    def offer(self, listener: Any, connection: socket.socket, ended: Callable[[], None]) -> bool:
+        """True when a worker process took the connection (`ended` is called when it is
+        done with it); False: serve it here."""
+        ...
 
 
 class Receiver(Protocol):
@@ -43,3 +72,6 @@ class Receiver(Protocol):
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting; let work in progress finish for up to `grace_seconds`."""
+
+    def share(self, sharing: Sharing) -> None:
+        """Let worker processes serve some of its connections (called before `start`)."""

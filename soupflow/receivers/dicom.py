@@ -35,6 +35,7 @@ from soupflow.dicom.negotiation import (
 )
 from soupflow.events import fields
 from soupflow.ingest import Ingest
+from soupflow.receivers.base import Sharing
 from soupflow.receivers.server import Limits, Server, drain, server_contexts, tls_restart_key
 from soupflow.store.queue import Origin
 from soupflow.workflow.model import DicomReceiverSetting, parse_allow_list
@@ -169,6 +170,10 @@ class Listener:
         self.policy = Policy.from_receiver(receiver)
         if self._server is not None:
             self._server.fingerprints = tls.fingerprints(receiver.client_certificate_thumb_print)
+
+    def share(self, sharing: Sharing) -> None:
+        """Associations are served in the runtime's own process: the association limits and
+        the abort at stop are counted there (worker processes serve STOW-RS only)."""
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to `grace_seconds`, then

@@ -34,6 +34,9 @@ _MAX_WAITING = 1000
 _SILENT_REPORT_SECONDS = 60.0
 
 Handle = Callable[[socket.socket, "tls.PeerCertificate | None"], None]
+# Offered each connection about to be served: True when another process took it (the
+# callable it was given is called when that process is done with it).
+Hand = Callable[[socket.socket, Callable[[], None]], bool]
 
 
 class _SilentCount:
@@ -90,6 +93,7 @@ class Server:
         self._acceptor: threading.Thread | None = None
         self._lock = threading.Condition()
         self._connections = 0
+        self.hand: Hand | None = None  # runtime.handoff: a worker process may serve it
 
     @property
     def port(self) -> int:
@@ -202,9 +206,17 @@ class Server:
             log.warning("%s refused a connection: %d connections open", self.name, served)
             self.refuse(connection)
             return
+        if self.hand is not None and self.hand(connection, self._ended):
+            return
         threading.Thread(
             target=self._run, args=(connection,), name=f"connection {self.name}", daemon=True
         ).start()
+
+    def serve_handed(self, connection: socket.socket) -> None:
+        """Serve, in this thread, a connection another process accepted (and counts)."""
+        with self._lock:
+            self._connections += 1
+        self._run(connection)
 
     def _run(self, connection: socket.socket) -> None:
         try:
@@ -216,9 +228,12 @@ class Server:
             pass
         finally:
             connection.close()
-            with self._lock:
-                self._connections -= 1
-                self._lock.notify_all()
+            self._ended()
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._connections -= 1
+            self._lock.notify_all()
 
     def _secured(
         self, connection: socket.socket

@@ -31,7 +31,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,6 +47,7 @@ from soupflow.dicom import status
 from soupflow.dicom.acceptor import ReceivedObject, WriteBehind
 from soupflow.events import fields
 from soupflow.ingest import Ingest
+from soupflow.receivers.base import Admission, Sharing
 from soupflow.receivers.http11 import next_event as _next_event
 from soupflow.receivers.server import (
     Limits,
@@ -189,6 +192,9 @@ class StowListener:
         self._inflight: set[str] = set()  # delivery ids being received now
         self._inflight_lock = threading.Lock()
         self._idle: set[socket.socket] = set()  # connections waiting for their next request
+        self._sharing: Sharing | None = None
+        self._secure: tls.ServerContexts | None = None  # for connections handed to this process
+        self._secure_built = False
 
     @property
     def port(self) -> int:
@@ -198,9 +204,24 @@ class StowListener:
     def active_connections(self) -> int:
         return self._server.active if self._server is not None else 0
 
-    def start(self) -> None:
+    @classmethod
+    def from_settings(
+        cls, workflow_id: str, settings: dict[str, Any], folder: Path, ingest: Ingest
+    ) -> StowListener:
+        """The listener a worker process serves handed connections with (`settings`)."""
+        receiver = StowRsReceiverSetting.model_validate(settings)
+        return cls(workflow_id, receiver, "", ingest, folder)
+
+    def settings(self) -> dict[str, Any]:
+        return self.receiver.model_dump(mode="json", by_alias=True)
+
+    def share(self, sharing: Sharing) -> None:
+        self._sharing = sharing
+
+    def _make_server(
+        self, secure: tls.ServerContexts | None, handle: Callable[..., None] | None = None
+    ) -> Server:
         receiver = self.receiver
-        secure = server_contexts(receiver, self.folder)
         timeout = float(receiver.request_timeout_seconds)
         # Keep-alive connections idle between requests count too: room for twice as many.
         limits = Limits(timeout, 2 * receiver.max_concurrent_requests)
@@ -209,11 +230,20 @@ class StowListener:
             self.host,
             receiver.port,
             limits,
-            self._serve,
+            handle or self._serve,
             _close if secure else _busy_at_once,  # no cleartext answer on a TLS port
             secure,
         )
         server.fingerprints = frozenset()  # checked per request here: 403, not a silent close
+        return server
+
+    def start(self) -> None:
+        secure = server_contexts(self.receiver, self.folder)
+        server = self._make_server(secure)
+        sharing = self._sharing
+        if sharing is not None:
+            server.hand = partial(sharing.offer, self)
+            sharing.share(self)
         server.start()
         self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
         self._server = server
@@ -222,7 +252,7 @@ class StowListener:
             self.workflow_id,
             self.host,
             self.port,
-            receiver.service_name.strip(),
+            self.receiver.service_name.strip(),
             " (TLS)" if secure else "",
         )
 
@@ -237,15 +267,63 @@ class StowListener:
         server.stop_accepting()
         self._stopping.set()  # requests still arriving hear 503
         self._end_idle()  # keep-alive connections between requests: closed now
+        if self._sharing is not None:  # and those served by worker processes
+            self._sharing.unshare(self)
         if not server.wait_idle(grace_seconds):
             self._end_idle()
             server.wait_idle(_STOP_WAIT_SECONDS)
         self._server = None
         log.info("workflow %s stopped listening", self.workflow_id)
 
+    def serve_handed(self, connection: socket.socket, admission: Admission) -> None:
+        """Serve a connection the runtime accepted (in a worker process), TLS included."""
+        with self._inflight_lock:
+            if not self._secure_built:
+                self._secure = server_contexts(self.receiver, self.folder)
+                self._secure_built = True
+        server = self._make_server(self._secure, partial(self._serve, admission=admission))
+        server.serve_handed(connection)
+
+    def stop_handed(self) -> None:
+        self._stopping.set()
+        self._end_idle()
+
+    # ------------------------------------------------------------------ admissions
+    def admit(self, slot: str) -> bool:
+        """One of `MaxConcurrentRequests` ("request"), or a delivery no other request is
+        receiving now ("delivery:<id>"): for this process's connections and for those its
+        worker processes serve."""
+        if slot == "request":
+            if not self._busy.acquire(blocking=False):
+                return False
+            if self._stopping.is_set():
+                self._busy.release()
+                return False
+            return True
+        delivery_id = slot.removeprefix("delivery:")
+        with self._inflight_lock:
+            if delivery_id in self._inflight:
+                return False
+            self._inflight.add(delivery_id)
+            return True
+
+    def release(self, slot: str) -> None:
+        if slot == "request":
+            self._busy.release()
+            return
+        with self._inflight_lock:
+            self._inflight.discard(slot.removeprefix("delivery:"))
+
     # ------------------------------------------------------------------ a connection
-    def _serve(self, connection: socket.socket, certificate: tls.PeerCertificate | None) -> None:
-        """HTTP/1.1 requests on one connection, one at a time, until either side closes."""
+    def _serve(
+        self,
+        connection: socket.socket,
+        certificate: tls.PeerCertificate | None,
+        admission: Admission | None = None,
+    ) -> None:
+        """HTTP/1.1 requests on one connection, one at a time, until either side closes;
+        `admission`: who counts its requests (this listener, or a worker process's runtime)."""
+        admission = admission or self
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
         where = peer(connection)
         connection.settimeout(float(self.receiver.request_timeout_seconds))
@@ -254,7 +332,7 @@ class StowListener:
                 event = self._next_request(http, connection)
                 if not isinstance(event, h11.Request):
                     return  # closed, or the peer went away between requests
-                keep = self._request(http, connection, event, where, certificate)
+                keep = self._request(http, connection, event, where, certificate, admission)
             except (TimeoutError, ConnectionError, OSError):
                 return  # silent or gone: close, never 408
             except h11.RemoteProtocolError as exc:
@@ -294,6 +372,7 @@ class StowListener:
         request: h11.Request,
         where: str,
         certificate: tls.PeerCertificate | None,
+        admission: Admission,
     ) -> bool:
         """Serve one request; whether the connection may carry another."""
         request_id = str(uuid.uuid4())
@@ -306,10 +385,7 @@ class StowListener:
             self._authorize(headers, certificate)
             boundary = _boundary(headers.get("content-type", ""))
             self._check_size(headers)
-            acquired = self._busy.acquire(blocking=False)
-            if not acquired or self._stopping.is_set():
-                if acquired:
-                    self._busy.release()
+            if self._stopping.is_set() or not admission.admit("request"):
                 raise _RefusalError(503, "too busy or stopping", (("Retry-After", _RETRY_AFTER),))
         except _RefusalError as exc:
             log.warning(
@@ -326,8 +402,9 @@ class StowListener:
             _answer(http, connection, exc.code, _error_body(str(exc)), exc.headers, close=True)
             return False
         delivery_id = self._delivery_id(headers)
-        if delivery_id is not None and not self._claim(delivery_id):
-            self._busy.release()
+        claim = f"delivery:{delivery_id}"
+        if delivery_id is not None and not admission.admit(claim):
+            admission.release("request")
             log.warning(
                 "STOW-RS request %s from %s for workflow %s: 503: delivery %s is still "
                 "being received",
@@ -340,6 +417,12 @@ class StowListener:
             busy = _error_body("the same delivery is in progress")
             _answer(http, connection, 503, busy, retry, close=True)
             return False
+        slots = ["request"] if delivery_id is None else ["request", claim]
+
+        def release() -> None:  # before the answer: its sender may send the next at once
+            while slots:
+                admission.release(slots.pop())
+
         try:
             return self._store(
                 http,
@@ -351,24 +434,15 @@ class StowListener:
                 boundary,
                 study,
                 delivery_id,
+                release,
             )
         finally:
-            self._busy.release()
-            if delivery_id is not None:
-                with self._inflight_lock:
-                    self._inflight.discard(delivery_id)
+            release()
 
     def _delivery_id(self, headers: dict[str, str]) -> str | None:
         name = self.receiver.deduplicate_header.strip().lower()
         value = headers.get(name, "").strip() if name else ""
         return value or None
-
-    def _claim(self, delivery_id: str) -> bool:
-        with self._inflight_lock:
-            if delivery_id in self._inflight:
-                return False
-            self._inflight.add(delivery_id)
-            return True
 
     def _route(self, request: h11.Request) -> str:
         """The study UID in the URL ("" for /studies); _RefusalError for any other request."""
@@ -426,6 +500,7 @@ class StowListener:
         boundary: str,
         study: str,
         delivery_id: str | None,
+        release: Callable[[], None],
     ) -> bool:
         if headers.get("expect", "").lower() == "100-continue":
             connection.sendall(http.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -519,6 +594,7 @@ class StowListener:
         if stored:
             self.ingest.hold(self.workflow_id)  # once per request, however many parts
         extra = (("Retry-After", _RETRY_AFTER),) if code == 503 else ()
+        release()
         _answer(http, connection, code, json.dumps(document).encode(), extra, dicom_json=True)
         return True
 

@@ -2,12 +2,14 @@
 
 Upstream: supervisor (`soupflow run --processes N` starts N of them; its own process then
 only receives, so conversion and activities never hold the interpreter lock its
-associations need), cli (`soupflow work`, what each one runs). Downstream: workers, store.
+associations need), cli (`soupflow work`, what each one runs). Downstream: workers, store,
+handoff (the STOW-RS connections the runtime hands them).
 
 A worker process loads the workflows folder itself (and reloads it when it changes), leases
 from the shared queue with owners `node/boot/worker-N` of its own, and processes messages
-exactly as the runtime's own workers do; it opens no listener and never touches the
-incoming folder. The runtime watches its children: one that exits unexpectedly has its
+exactly as the runtime's own workers do. It opens no listener: started with a control
+socket (`--control-fd`), it serves the connections its runtime hands it (runtime.handoff),
+into the incoming folder the runtime made and clears. The runtime watches its children: one that exits unexpectedly has its
 leases taken back at once (`Queue.recover` of its own `node/boot`) and is started again;
 one whose runtime exits stops too. An idle worker process looks at the queue every
 `POLL_SECONDS` (a message queued by the runtime waits at most that long).
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +40,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from soupflow import durable, metrics
+from soupflow.ingest import Ingest
 from soupflow.network import Egress
+from soupflow.receivers.stow import StowListener
+from soupflow.runtime.handoff import Handoff, Served
+from soupflow.runtime.pacing import BACKLOG_LIMIT, Pacing
 from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
 from soupflow.store import Storage
 from soupflow.store.queue import Queue
@@ -76,10 +83,17 @@ class WorkerRuntime:
         retention_days: float = RETENTION_DAYS,
         housekeeping: bool = True,
         metrics_file: Path | None = None,
+        control: socket.socket | None = None,
+        backlog_limit: int = BACKLOG_LIMIT,
     ) -> None:
-        """`metrics_file`: where this process's counts go for its runtime (`--metrics-file`)."""
+        """`metrics_file`: where this process's counts go for its runtime (`--metrics-file`);
+        `control`: its runtime's end for connections to serve (`--control-fd`), with the
+        runtime's `backlog_limit`."""
         self.storage = storage or Storage(data)
         self.metrics_file = metrics_file
+        self.control, self.backlog_limit = control, backlog_limit
+        self.served: Served | None = None
+        self.pacing: Pacing | None = None
         self._reporting = threading.Event()
         self._reporter: threading.Thread | None = None
         self.lease_seconds, self.retention_days = lease_seconds, retention_days
@@ -100,9 +114,10 @@ class WorkerRuntime:
         sys.path.insert(0, str(self.workflows_folder.resolve()))  # PythonCallable modules
         self.queue = self.storage.open_queue(create=False)
         self.reload()
+        spool = self.storage.spool(self.node)
         self.workers = Workers(
             self.queue,
-            self.storage.spool(self.node),
+            spool,
             self.data,
             self.known.get,
             self.worker_count,
@@ -115,6 +130,12 @@ class WorkerRuntime:
             housekeeping=self.housekeeping,
         )
         self.workers.start()
+        if self.control is not None:
+            self.pacing = Pacing(self.queue, self.backlog_limit)
+            self.pacing.start()
+            ingest = Ingest(spool, self.queue, on_queued=self.workers.wake, hold=self.pacing.hold)
+            self.served = Served(self.control, ingest, StowListener.from_settings)
+            self.served.start()
         if self.metrics_file is not None:
             self._reporter = threading.Thread(
                 target=self._report_loop, name="soupflow-metrics-report", daemon=True
@@ -159,6 +180,12 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         with self._lock:
+            if self.pacing is not None:  # held answers go out now
+                self.pacing.stop()
+                self.pacing = None
+            if self.served is not None:
+                self.served.stop()
+                self.served = None
             if self.workers is not None:
                 self.workers.stop()
                 self.workers = None
@@ -177,18 +204,21 @@ class WorkerProcesses:
     def __init__(
         self,
         count: int,
-        command: Callable[[str, Path | None], list[str]],
+        command: Callable[[str], list[str]],
         queue: Queue,
         node: str,
         environment: dict[str, str] | None = None,
         reports: Path | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
-        """`command`: a boot and its metrics file -> the child's command line;
+        """`command`: a boot -> the child's command line;
         `environment`: variables the children get besides ours (secrets such as the
         queue's URL go there, not on a command line every local user can read);
-        `reports`: the folder of the children's metrics files (`reports()`)."""
+        `reports`: the folder of the children's metrics files (`reports()`); `handoff`: the
+        runtime's connections they may serve."""
         self.count = count
         self.reports_folder = reports
+        self.handoff = handoff
         self.environment = {**os.environ, **(environment or {})}
         self.command = command
         self.queue = queue
@@ -211,9 +241,21 @@ class WorkerProcesses:
 
     def _spawn(self) -> None:
         boot = new_boot()
-        self._children[boot] = subprocess.Popen(
-            self.command(boot, self._report_file(boot)), env=self.environment
-        )  # its lines go to ours
+        command = self.command(boot)
+        report = self._report_file(boot)
+        if report is not None:
+            command += ["--metrics-file", str(report)]
+        control = self.handoff.channel(boot) if self.handoff is not None else None
+        passed = () if control is None else (control.fileno(),)
+        if control is not None:
+            command += ["--control-fd", str(control.fileno())]
+        try:
+            self._children[boot] = subprocess.Popen(
+                command, env=self.environment, pass_fds=passed
+            )  # its lines go to ours
+        finally:
+            if control is not None:
+                control.close()  # the child's end: the child has it now
         log.info("worker process %s started (pid %d)", boot, self._children[boot].pid)
 
     def _watch(self) -> None:

@@ -32,6 +32,7 @@ from soupflow.receivers import RECEIVERS
 from soupflow.receivers.base import Receiver, ReceiverError
 from soupflow.runtime import listeners_file, reconcile
 from soupflow.runtime.admin_http import AdminServer
+from soupflow.runtime.handoff import Handoff
 from soupflow.runtime.listeners_file import ListenerRow, ListenerState
 from soupflow.runtime.pacing import BACKLOG_LIMIT, Pacing
 from soupflow.runtime.processes import REPORTS_FOLDER, WorkerProcesses, digest, new_boot
@@ -117,6 +118,8 @@ class Runtime:
         self.queue: Queue | None = None
         self.workers: Workers | None = None
         self.children: WorkerProcesses | None = None
+        # worker processes serve some of the listeners' connections (STOW-RS)
+        self.handoff = Handoff() if processes else None
         self._ingest: Ingest | None = None
         self._digests: dict[Path, str] = {}
         self._egress_checked: dict[tuple[Path, str], list[Problem]] = {}
@@ -169,7 +172,7 @@ class Runtime:
         )
         self.workers.start()
         self._start_admin()
-        if self.processes and self.worker_count > 0:
+        if self.processes:
             self.children = WorkerProcesses(
                 self.processes,
                 self._work_command,
@@ -177,6 +180,7 @@ class Runtime:
                 self.node,
                 {"SOUPFLOW_QUEUE": self.storage.queue} if self.storage.queue else None,
                 self.data / REPORTS_FOLDER,
+                self.handoff,
             )
             self.children.start()
 
@@ -232,7 +236,7 @@ class Runtime:
         children = self.children
         return children.reports() if children is not None else []
 
-    def _work_command(self, boot: str, metrics_file: Path | None) -> list[str]:
+    def _work_command(self, boot: str) -> list[str]:
         command = [
             sys.executable,
             "-m",
@@ -253,9 +257,9 @@ class Runtime:
             "--retention-days",
             str(self.retention_days),
             "--no-housekeeping",
+            "--backlog-limit",
+            str(self.backlog_limit),
         ]
-        if metrics_file is not None:
-            command += ["--metrics-file", str(metrics_file)]
         if self.storage.objects is not None:
             command += ["--objects", str(self.storage.objects)]
         for entry in self.egress.tcp.entries:
@@ -393,6 +397,8 @@ class Runtime:
         listener = RECEIVERS[type(receiver)](
             workflow_id, receiver, self.host, self._ingest, loaded.path.parent
         )
+        if self.handoff is not None:
+            listener.share(self.handoff)
         try:
             listener.start()
         except ReceiverError as exc:

@@ -1,0 +1,358 @@
+"""Connections the runtime accepted, served in its worker processes (`run --processes N`).
+
+Upstream: supervisor and processes (the runtime's side, `Handoff`), cli (`soupflow work`,
+the worker process's side, `Served`). Downstream: receivers (a listener that shares its
+connections: `Shared`).
+
+One interpreter serves its connections under one interpreter lock: over several
+connections at once, STOW-RS ingest is bound by it long before the cores or the disk are.
+So the runtime stays the only process that binds, accepts and decides (who may connect, how
+many at once, with which certificate), and each connection it accepts goes to whichever
+process serves the fewest now: itself (on a tie, so that one connection costs nothing
+more) or one of its worker processes. It goes over a Unix socket (SCM_RIGHTS), with the
+receiver's settings as the runtime holds them at that moment. The worker process serves it
+as the runtime would, TLS handshake included, and through the same ingest. For what is
+counted across a listener's connections (`MaxConcurrentRequests`, a delivery being
+received) it asks the runtime, which answers from the listener's own counts. When the
+connection ends it says so, so that the runtime's connection counts, limits and `status`
+stay whole. On a listener's stop the runtime tells its worker processes, which close their
+connections of it that are between requests. A worker process that dies takes its
+connections with it (their senders see them close before an answer: nothing they were told
+is stored is lost); the runtime ends their counts and releases what they held.
+
+The messages are JSON, one per SOCK_SEQPACKET datagram: `serve` (with the connection's
+descriptor), `done`, `admit`/`admitted`, `release`, `stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from soupflow.receivers.base import Admission
+
+if TYPE_CHECKING:
+    from soupflow.ingest import Ingest
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_BYTES = 1 << 20  # a receiver's settings, with room to spare
+_ADMIT_SECONDS = 10.0  # a runtime that does not answer: not admitted
+_STOP_SECONDS = 30.0
+
+
+class Shared(Admission, Protocol):
+    """A listener whose connections worker processes may serve."""
+
+    workflow_id: str
+    folder: Path
+
+    @property
+    def active_connections(self) -> int: ...
+
+    def settings(self) -> dict[str, Any]:
+        """Its receiver setting as JSON (what a worker process builds its listener from)."""
+        ...
+
+
+# ---------------------------------------------------------------------- the runtime's side
+@dataclass
+class _Connection:
+    listener: Shared
+    ended: Callable[[], None]
+    held: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Child:
+    boot: str
+    control: socket.socket
+    connections: dict[int, _Connection] = field(default_factory=dict)
+
+
+class Handoff:
+    """The runtime's side: its worker processes, and the connections handed to each."""
+
+    def __init__(self) -> None:
+        self._children: dict[str, _Child] = {}
+        self._listeners: list[Shared] = []
+        self._tokens = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def channel(self, boot: str) -> socket.socket:
+        """A new worker process's end of its control socket (the caller passes it on and
+        closes it); connections go to the process once it says it is ready."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child = _Child(boot, ours)
+        threading.Thread(
+            target=self._read, args=(child,), name=f"handoff {boot}", daemon=True
+        ).start()
+        return theirs
+
+    def share(self, listener: Shared) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def unshare(self, listener: Shared) -> None:
+        """The listener stopped: its worker processes close their connections of it that
+        are between requests (the runtime waits for the rest as for its own)."""
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+            children = list(self._children.values())
+        for child in children:
+            _send(child.control, {"op": "stop", "workflow": listener.workflow_id})
+
+    def offer(self, listener: Shared, connection: socket.socket, ended: Callable[[], None]) -> bool:
+        """Hand `connection` to the worker process serving the fewest connections, if it
+        serves fewer than this one (`ended` is called when it is done); False: serve it
+        here. The caller counts it as its own either way."""
+        with self._lock:
+            child = min(self._children.values(), key=lambda c: len(c.connections), default=None)
+            if child is None:
+                return False
+            handed = sum(len(c.connections) for c in self._children.values())
+            here = sum(shared.active_connections for shared in self._listeners) - handed - 1
+            if len(child.connections) >= here:
+                return False
+            token = next(self._tokens)
+            child.connections[token] = _Connection(listener, ended)
+        header = {
+            "op": "serve",
+            "token": token,
+            "workflow": listener.workflow_id,
+            "folder": str(listener.folder),
+            "receiver": listener.settings(),
+        }
+        try:
+            socket.send_fds(child.control, [json.dumps(header).encode()], [connection.fileno()])
+        except OSError:  # the child is gone
+            with self._lock:
+                mine = child.connections.pop(token, None) is not None
+            if mine:
+                return False  # this process serves it after all
+            connection.close()  # its end was counted with the child's other connections
+            return True
+        connection.close()  # the child has its own descriptor now
+        return True
+
+    def _read(self, child: _Child) -> None:
+        control = child.control
+        try:
+            while message := _receive(control):
+                if message.get("op") == "ready":
+                    with self._lock:
+                        self._children[child.boot] = child
+                    log.info("worker process %s takes STOW-RS connections", child.boot)
+                    continue
+                self._answer(child, message)
+        finally:
+            self._gone(child)
+
+    def _answer(self, child: _Child, message: dict[str, Any]) -> None:
+        op, token, slot = message.get("op"), message.get("token"), str(message.get("slot"))
+        if not isinstance(token, int):
+            return
+        with self._lock:
+            connection = child.connections.get(token)
+        if connection is None:
+            if op == "admit":  # a connection this runtime no longer knows
+                _send(child.control, {"op": "admitted", "id": message.get("id"), "ok": False})
+            return
+        if op == "admit":
+            ok = connection.listener.admit(slot)
+            if ok:
+                connection.held.append(slot)
+            _send(child.control, {"op": "admitted", "id": message.get("id"), "ok": ok})
+        elif op == "release" and slot in connection.held:
+            connection.held.remove(slot)
+            connection.listener.release(slot)
+        elif op == "done":
+            with self._lock:
+                child.connections.pop(token, None)
+            _end(connection)
+
+    def _gone(self, child: _Child) -> None:
+        """The worker process exited (or closed its end): its connections are over."""
+        with self._lock:
+            if self._children.get(child.boot) is child:
+                del self._children[child.boot]
+            left = list(child.connections.values())
+            child.connections.clear()
+        for connection in left:
+            _end(connection)
+        child.control.close()
+        if left:
+            log.warning(
+                "worker process %s ended with %d connections it was serving", child.boot, len(left)
+            )
+
+
+def _end(connection: _Connection) -> None:
+    for slot in connection.held:
+        connection.listener.release(slot)
+    connection.held.clear()
+    connection.ended()
+
+
+# ------------------------------------------------------------- the worker process's side
+class HandedListener(Protocol):
+    """What a worker process builds from a `serve` message (receivers' `from_settings`)."""
+
+    workflow_id: str
+
+    def serve_handed(self, connection: socket.socket, admission: Admission) -> None:
+        """Serve a connection another process accepted, in this thread, until it ends."""
+        ...
+
+    def stop_handed(self) -> None:
+        """Close its handed connections that are between requests; refuse new requests."""
+        ...
+
+
+Build = Callable[[str, dict[str, Any], Path, "Ingest"], HandedListener]
+
+
+class _Remote:
+    """A handed connection's admissions, decided by the runtime."""
+
+    def __init__(self, served: Served, token: int) -> None:
+        self.served, self.token = served, token
+
+    def admit(self, slot: str) -> bool:
+        return self.served.ask(self.token, slot)
+
+    def release(self, slot: str) -> None:
+        _send(self.served.control, {"op": "release", "token": self.token, "slot": slot})
+
+
+class Served:
+    """A worker process's side: the connections its runtime hands it."""
+
+    def __init__(self, control: socket.socket, ingest: Ingest, build: Build) -> None:
+        self.control = control
+        self.ingest = ingest
+        self.build = build
+        self._listeners: dict[str, HandedListener] = {}  # by workflow and settings
+        self._answers: dict[int, tuple[threading.Event, list[bool]]] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._serving = 0
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._reader = threading.Thread(target=self._read, name="handed connections", daemon=True)
+        self._reader.start()
+        _send(self.control, {"op": "ready"})
+
+    def ask(self, token: int, slot: str) -> bool:
+        number = next(self._ids)
+        event, answer = threading.Event(), [False]
+        with self._lock:
+            self._answers[number] = (event, answer)
+        _send(self.control, {"op": "admit", "id": number, "token": token, "slot": slot})
+        event.wait(_ADMIT_SECONDS)
+        with self._lock:
+            self._answers.pop(number, None)
+        return answer[0]
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.control, _MESSAGE_BYTES, 1)
+            except OSError:
+                return
+            if not data:
+                for descriptor in fds:
+                    socket.close(descriptor)
+                return  # the runtime is gone: the process stops on its own
+            message = json.loads(data)
+            op = message.get("op")
+            if op == "serve" and fds:
+                self._serve(message, socket.socket(fileno=fds[0]))
+            elif op == "admitted":
+                with self._lock:
+                    waiting = self._answers.get(message.get("id"))
+                if waiting is not None:
+                    waiting[1][0] = bool(message.get("ok"))
+                    waiting[0].set()
+            elif op == "stop":
+                with self._lock:
+                    stopping = [
+                        listener
+                        for listener in self._listeners.values()
+                        if listener.workflow_id == message.get("workflow")
+                    ]
+                for listener in stopping:
+                    listener.stop_handed()
+
+    def _serve(self, message: dict[str, Any], connection: socket.socket) -> None:
+        token = int(message["token"])
+        workflow_id = str(message["workflow"])
+        key = json.dumps([workflow_id, message["receiver"], message["folder"]], sort_keys=True)
+        try:
+            with self._lock:
+                listener = self._listeners.get(key)
+                if listener is None:
+                    listener = self._listeners[key] = self.build(
+                        workflow_id, message["receiver"], Path(message["folder"]), self.ingest
+                    )
+                self._serving += 1
+        except Exception as exc:  # settings this version cannot read: the runtime's are newer
+            log.error("cannot serve a connection of workflow %s: %s", workflow_id, exc)
+            connection.close()
+            _send(self.control, {"op": "done", "token": token})
+            return
+        threading.Thread(
+            target=self._run,
+            args=(listener, connection, token),
+            name=f"connection workflow {workflow_id}",
+            daemon=True,
+        ).start()
+
+    def _run(self, listener: HandedListener, connection: socket.socket, token: int) -> None:
+        try:
+            listener.serve_handed(connection, _Remote(self, token))
+        finally:
+            _send(self.control, {"op": "done", "token": token})
+            with self._lock:
+                self._serving -= 1
+                self._lock.notify_all()
+
+    def stop(self) -> None:
+        """Close the connections between requests, wait for the others (bounded)."""
+        with self._lock:
+            listeners = list(self._listeners.values())
+        for listener in listeners:
+            listener.stop_handed()
+        with self._lock:
+            self._lock.wait_for(lambda: not self._serving, timeout=_STOP_SECONDS)
+        with contextlib.suppress(OSError):
+            self.control.shutdown(socket.SHUT_RDWR)
+        if self._reader is not None:
+            self._reader.join(timeout=_STOP_SECONDS)
+        self.control.close()
+
+
+def _send(control: socket.socket, message: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the other side is gone: its reader says so
+        control.send(json.dumps(message).encode())
+
+
+def _receive(control: socket.socket) -> dict[str, Any] | None:
+    try:
+        data = control.recv(_MESSAGE_BYTES)
+    except OSError:
+        return None
+    if not data:
+        return None
+    message = json.loads(data)
+    return message if isinstance(message, dict) else None
