@@ -40,7 +40,7 @@ _RECEIVER_ID = "f0000000-0000-4000-8000-000000000001"
 _BOUNDARY = "soupflow-bench"
 _READY_SECONDS = 30.0
 RECEIVERS = ("soupflow", "soupflow, 1 worker process", "orthanc")
-_SHARING = "takes STOW-RS connections"  # a worker process's line: it serves some from now on
+_SHARING = "takes connections"  # a worker process's line: it serves some from now on
 
 
 def _soupflow(folder: Path, port: int, *options: str) -> tuple[list[str], str]:

@@ -10,8 +10,12 @@ import signal
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import h11
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from bench.certs import Issued
 from soupflow.store.sqlite import SqliteQueue
@@ -21,6 +25,7 @@ from tests.dicom import DEADLINE_SECONDS, RuntimeProcess, sample_file, wait_for
 from tests.documents import RECEIVER_ID
 from tests.test_metrics import admin_url, get, samples, value
 from tests.test_stow_receiver import multipart, related, stow_receiver
+from tests.test_tls import storescu_tls
 
 CT, MR = sample_file("CT_small.dcm"), sample_file("MR_small.dcm")
 
@@ -37,7 +42,7 @@ def with_a_worker_process(tmp_path: Path, **fields: object) -> RuntimeProcess:
     }
     documents.write(workflows / "stow.json", document)
     runtime = RuntimeProcess(workflows, tmp_path / "data", "--workers", "0", "--processes", "1")
-    wait_for(lambda: "takes STOW-RS connections" in runtime.log_text(), "the worker process")
+    wait_for(lambda: "takes connections" in runtime.log_text(), "the worker process")
     return runtime
 
 
@@ -228,4 +233,64 @@ def test_removing_the_workflow_closes_the_idle_connections_of_both_processes(
     finally:
         here.close()
         there.close()
+        assert runtime.terminate() == 0
+
+
+def dicom_with_a_worker_process(tmp_path: Path, **fields: object) -> RuntimeProcess:
+    """A C-STORE listener (ingest only) in a runtime with one worker process."""
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    document = documents.workflow(Port=0, AcceptedCallingAETs="*", **fields)
+    documents.write(workflows / "intake.json", document)
+    runtime = RuntimeProcess(workflows, tmp_path / "data", "--workers", "0", "--processes", "1")
+    wait_for(lambda: "takes connections" in runtime.log_text(), "the worker process")
+    return runtime
+
+
+def association(port: int, calling_aet: str, context: ssl.SSLContext | None = None) -> Any:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = DEADLINE_SECONDS
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    tls_args = (context, "localhost") if context is not None else None
+    return ae.associate("127.0.0.1", port, ae_title="SOUPFLOW", tls_args=tls_args)
+
+
+def test_associations_spread_over_the_processes_and_share_one_association_limit(
+    tmp_path: Path,
+) -> None:
+    runtime = dicom_with_a_worker_process(tmp_path, MaxAssociations=2)
+    port = runtime.ports[RECEIVER_ID]
+    here = association(port, "HERE")  # the runtime's (a tie)
+    there = association(port, "THERE")  # the worker process's: it asks the runtime to admit it
+    assert here.is_established and there.is_established
+    try:
+        assert there.send_c_store(dcmread(CT)).Status == 0x0000
+        third = association(port, "THIRD")  # the runtime's again: two are admitted already
+        assert third.is_rejected
+        wait_for(lambda: received_by_the_worker_process(runtime.data) == 1, "its report")
+    finally:
+        there.release()
+        here.release()
+    wait_for(lambda: active(runtime) == 0, "the worker process to say its association ended")
+    fourth = association(port, "FOURTH")  # both slots were given back
+    assert fourth.is_established
+    fourth.release()
+    assert messages(runtime.data) == 1
+    assert runtime.terminate() == 0
+
+
+def test_a_handed_tls_association_is_handshaken_in_the_worker_process(
+    tmp_path: Path, pki: Pki
+) -> None:
+    runtime = dicom_with_a_worker_process(tmp_path, **pki.listener())
+    port = runtime.ports[RECEIVER_ID]
+    here = association(port, "HERE", presenting(pki, pki.client))
+    assert here.is_established
+    try:
+        sent = storescu_tls(port, pki.client, pki.ca.path, CT)  # the worker process's
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: received_by_the_worker_process(runtime.data) == 1, "its report")
+        assert certificates(runtime.data) == [pki.client.sha256]
+    finally:
+        here.release()
         assert runtime.terminate() == 0

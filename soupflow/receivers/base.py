@@ -18,8 +18,8 @@ class ReceiverError(Exception):
 
 class Admission(Protocol):
     """What a listener counts across its connections, whichever process serves them: a
-    slot is "request" (one of `MaxConcurrentRequests`) or "delivery:<id>" (a delivery being
-    received)."""
+    slot is "association" (one of `MaxAssociations`), "request" (one of
+    `MaxConcurrentRequests`) or "delivery:<id>" (a delivery being received)."""
 
     def admit(self, slot: str) -> bool:
         """Take the slot; False when it is not free."""
@@ -35,7 +35,14 @@ class Sharing(Protocol):
 
     def share(self, listener: Any) -> None: ...
 
-    def unshare(self, listener: Any) -> None: ...
+    def unshare(self, listener: Any) -> None:
+        """The listener stops: worker processes take no new requests for it and close its
+        idle connections."""
+        ...
+
+    def abort(self, listener: Any) -> None:
+        """Its grace is over: worker processes end what they still serve of it."""
+        ...
 
     def offer(self, listener: Any, connection: socket.socket, ended: Callable[[], None]) -> bool:
         """True when a worker process took the connection (`ended` is called when it is

@@ -2,7 +2,7 @@
 Downstream: dicom.acceptor (the protocol), ingest (what Success means).
 
 One listening socket per workflow port; each accepted connection is a `dicom.acceptor`
-association in its own thread, and this listener is its `Handler`. Association policy (the
+association in its own thread, with a `_Handler` of this listener. Association policy (the
 calling-AE allow-list with the format's semantics, `EnforceOurAET`, `MaxAssociations`,
 timeouts) is applied at A-ASSOCIATE; each received object goes to `ingest`, which answers
 Success only after the object's bytes are fsynced in the spool and its queue entry is
@@ -20,8 +20,11 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from soupflow import metrics, tls
 from soupflow.dicom import negotiation, status
@@ -35,8 +38,15 @@ from soupflow.dicom.negotiation import (
 )
 from soupflow.events import fields
 from soupflow.ingest import Ingest
-from soupflow.receivers.base import Sharing
-from soupflow.receivers.server import Limits, Server, drain, server_contexts, tls_restart_key
+from soupflow.receivers.base import Admission, Sharing
+from soupflow.receivers.server import (
+    HandedContexts,
+    Limits,
+    Server,
+    drain,
+    server_contexts,
+    tls_restart_key,
+)
 from soupflow.store.queue import Origin
 from soupflow.workflow.model import DicomReceiverSetting, parse_allow_list
 
@@ -121,7 +131,9 @@ class Listener:
         self._server: Server | None = None
         self._lock = threading.Lock()
         self._associations: set[Association] = set()
-        self._admitted: set[Session] = set()
+        self._admitted = 0  # associations accepted, served here or by worker processes
+        self._sharing: Sharing | None = None
+        self._handed = HandedContexts(receiver, folder)
 
     @property
     def port(self) -> int:
@@ -135,22 +147,41 @@ class Listener:
 
     active_associations = active_connections
 
-    def start(self) -> None:
+    @classmethod
+    def from_settings(
+        cls, workflow_id: str, settings: dict[str, Any], folder: Path, ingest: Ingest
+    ) -> Listener:
+        """The listener a worker process serves handed connections with (`settings`)."""
+        return cls(workflow_id, DicomReceiverSetting.model_validate(settings), "", ingest, folder)
+
+    def settings(self) -> dict[str, Any]:
+        return self.receiver.model_dump(mode="json", by_alias=True)
+
+    def _make_server(
+        self, secure: tls.ServerContexts | None, handle: Callable[..., None] | None = None
+    ) -> Server:
         receiver = self.receiver
-        secure = server_contexts(receiver, self.folder)
         limits = Limits(
             float(receiver.association_timeout_seconds),
             _CONNECTIONS_PER_ASSOCIATION * receiver.max_associations,
         )
-        server = Server(
+        return Server(
             f"workflow {self.workflow_id}",
             self.host,
             receiver.port,
             limits,
-            self._associate,
+            handle or self._associate,
             _reject_at_once,
             secure,
         )
+
+    def start(self) -> None:
+        receiver = self.receiver
+        secure = server_contexts(receiver, self.folder)
+        server = self._make_server(secure)
+        if self._sharing is not None:
+            server.hand = partial(self._sharing.offer, self)
+            self._sharing.share(self)
         server.start()
         self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
         self._server = server
@@ -172,8 +203,34 @@ class Listener:
             self._server.fingerprints = tls.fingerprints(receiver.client_certificate_thumb_print)
 
     def share(self, sharing: Sharing) -> None:
-        """Associations are served in the runtime's own process: the association limits and
-        the abort at stop are counted there (worker processes serve STOW-RS only)."""
+        self._sharing = sharing
+
+    def serve_handed(self, connection: socket.socket, admission: Admission) -> None:
+        """Serve an association the runtime accepted (in a worker process), TLS included."""
+        server = self._make_server(
+            self._handed.get(), partial(self._associate, admission=admission)
+        )
+        server.fingerprints = tls.fingerprints(self.receiver.client_certificate_thumb_print)
+        server.serve_handed(connection)
+
+    def stop_handed(self) -> None:
+        """Open associations go on until the runtime's grace is over (`abort_handed`)."""
+
+    def abort_handed(self) -> None:
+        self._abort()
+
+    # ------------------------------------------------------------------ admissions
+    def admit(self, slot: str) -> bool:
+        """One of `MaxAssociations` ("association"), wherever the association is served."""
+        with self._lock:
+            if slot != "association" or self._admitted >= self.receiver.max_associations:
+                return False
+            self._admitted += 1
+            return True
+
+    def release(self, slot: str) -> None:
+        with self._lock:
+            self._admitted -= 1
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to `grace_seconds`, then
@@ -182,20 +239,31 @@ class Listener:
         if server is None:
             return
         server.stop_accepting()
-        server.wait_idle(grace_seconds)
+        if self._sharing is not None:
+            self._sharing.unshare(self)
+        if not server.wait_idle(grace_seconds) and self._sharing is not None:
+            self._sharing.abort(self)  # those served by worker processes, too
+        self._abort()
+        server.wait_idle(_ABORT_WAIT_SECONDS)
+        self._server = None
+        log.info("workflow %s stopped listening", self.workflow_id)
+
+    def _abort(self) -> None:
+        """Refuse stores (0xA700) and abort every association this process serves."""
         self._refusing.set()
         with self._lock:
             left = list(self._associations)
         for association in left:
             association.abort()
-        server.wait_idle(_ABORT_WAIT_SECONDS)
-        self._server = None
-        log.info("workflow %s stopped listening", self.workflow_id)
 
     def _associate(
-        self, connection: socket.socket, certificate: tls.PeerCertificate | None
+        self,
+        connection: socket.socket,
+        certificate: tls.PeerCertificate | None,
+        admission: Admission | None = None,
     ) -> None:
-        """In the connection's own thread, after TLS: the association."""
+        """In the connection's own thread, after TLS: the association; `admission`: who
+        counts it against `MaxAssociations` (this listener, or a worker process's runtime)."""
         if self._refusing.is_set():
             return
         receiver = self.receiver
@@ -204,7 +272,7 @@ class Listener:
             self.ingest.spool.incoming,
             our_max_pdu=receiver.max_pdu_size,
             timeout_seconds=float(receiver.association_timeout_seconds),
-            handler=self,
+            handler=_Handler(self, admission or self),
             client_certificate=(certificate.sha256, certificate.subject)
             if certificate
             else ("", ""),
@@ -218,7 +286,9 @@ class Listener:
                 self._associations.discard(association)
 
     # ------------------------------------------------------------ the Handler hooks
-    def on_associate(self, session: Session, request: Request) -> Rejection | None:
+    def on_associate(
+        self, session: Session, request: Request, admission: Admission
+    ) -> Rejection | None:
         where = (session.peer_address, session.peer_port)
         rejection = self.policy.rejection(request.calling_aet, request.called_aet)
         if rejection is not None:
@@ -237,19 +307,16 @@ class Listener:
             )
             metrics.ASSOCIATIONS.labels(self.workflow_id, "rejected").inc()
             return rejection
-        with self._lock:
-            if len(self._admitted) >= self.receiver.max_associations:
-                limit = self.receiver.max_associations
-                log.warning(
-                    "rejected association from %s:%s calling %r: %d associations open (MaxAssociations)",
-                    *where,
-                    request.calling_aet,
-                    limit,
-                    extra=self._association_fields(where, request.calling_aet, "rejected"),
-                )
-                metrics.ASSOCIATIONS.labels(self.workflow_id, "rejected").inc()
-                return LOCAL_LIMIT_EXCEEDED
-            self._admitted.add(session)
+        if not admission.admit("association"):
+            log.warning(
+                "rejected association from %s:%s calling %r: %d associations open (MaxAssociations)",
+                *where,
+                request.calling_aet,
+                self.receiver.max_associations,
+                extra=self._association_fields(where, request.calling_aet, "rejected"),
+            )
+            metrics.ASSOCIATIONS.labels(self.workflow_id, "rejected").inc()
+            return LOCAL_LIMIT_EXCEEDED
         log.info(
             "accepted association from %s:%s calling %r",
             *where,
@@ -288,6 +355,23 @@ class Listener:
             self.ingest.hold(self.workflow_id)
         return code
 
+
+class _Handler:
+    """One association's `Handler`: its listener's policy, with whoever counts it."""
+
+    def __init__(self, listener: Listener, admission: Admission) -> None:
+        self.listener, self.admission = listener, admission
+        self.admitted = False
+
+    def on_associate(self, session: Session, request: Request) -> Rejection | None:
+        rejection = self.listener.on_associate(session, request, self.admission)
+        self.admitted = rejection is None
+        return rejection
+
+    def on_c_store(self, session: Session, received: ReceivedObject) -> int:
+        return self.listener.on_c_store(session, received)
+
     def on_release(self, session: Session) -> None:
-        with self._lock:
-            self._admitted.discard(session)
+        if self.admitted:
+            self.admitted = False
+            self.admission.release("association")

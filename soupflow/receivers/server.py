@@ -302,6 +302,24 @@ def server_contexts(receiver: ReceiverSetting, folder: Path) -> tls.ServerContex
         raise ReceiverError(f"cannot start TLS: {exc}") from exc
 
 
+class HandedContexts:
+    """A listener's TLS contexts in a worker process: built from its setting at the first
+    connection handed to it, then shared by the others (None for cleartext)."""
+
+    def __init__(self, receiver: ReceiverSetting, folder: Path) -> None:
+        self.receiver, self.folder = receiver, folder
+        self._lock = threading.Lock()
+        self._built = False
+        self._contexts: tls.ServerContexts | None = None
+
+    def get(self) -> tls.ServerContexts | None:
+        with self._lock:
+            if not self._built:
+                self._contexts = server_contexts(self.receiver, self.folder)
+                self._built = True
+            return self._contexts
+
+
 def peer(connection: socket.socket) -> str:
     try:
         address, port = connection.getpeername()[:2]

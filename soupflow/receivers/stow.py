@@ -50,6 +50,7 @@ from soupflow.ingest import Ingest
 from soupflow.receivers.base import Admission, Sharing
 from soupflow.receivers.http11 import next_event as _next_event
 from soupflow.receivers.server import (
+    HandedContexts,
     Limits,
     Server,
     drain,
@@ -193,8 +194,7 @@ class StowListener:
         self._inflight_lock = threading.Lock()
         self._idle: set[socket.socket] = set()  # connections waiting for their next request
         self._sharing: Sharing | None = None
-        self._secure: tls.ServerContexts | None = None  # for connections handed to this process
-        self._secure_built = False
+        self._handed = HandedContexts(receiver, folder)
 
     @property
     def port(self) -> int:
@@ -271,22 +271,23 @@ class StowListener:
             self._sharing.unshare(self)
         if not server.wait_idle(grace_seconds):
             self._end_idle()
+            if self._sharing is not None:
+                self._sharing.abort(self)
             server.wait_idle(_STOP_WAIT_SECONDS)
         self._server = None
         log.info("workflow %s stopped listening", self.workflow_id)
 
     def serve_handed(self, connection: socket.socket, admission: Admission) -> None:
         """Serve a connection the runtime accepted (in a worker process), TLS included."""
-        with self._inflight_lock:
-            if not self._secure_built:
-                self._secure = server_contexts(self.receiver, self.folder)
-                self._secure_built = True
-        server = self._make_server(self._secure, partial(self._serve, admission=admission))
+        server = self._make_server(self._handed.get(), partial(self._serve, admission=admission))
         server.serve_handed(connection)
 
     def stop_handed(self) -> None:
         self._stopping.set()
         self._end_idle()
+
+    def abort_handed(self) -> None:
+        self._end_idle()  # what has become idle since
 
     # ------------------------------------------------------------------ admissions
     def admit(self, slot: str) -> bool:

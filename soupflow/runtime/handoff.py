@@ -5,23 +5,25 @@ the worker process's side, `Served`). Downstream: receivers (a listener that sha
 connections: `Shared`).
 
 One interpreter serves its connections under one interpreter lock: over several
-connections at once, STOW-RS ingest is bound by it long before the cores or the disk are.
+connections at once, ingest (STOW-RS, and DICOM over TLS above all) is bound by it long
+before the cores or the disk are.
 So the runtime stays the only process that binds, accepts and decides (who may connect, how
 many at once, with which certificate), and each connection it accepts goes to whichever
 process serves the fewest now: itself (on a tie, so that one connection costs nothing
 more) or one of its worker processes. It goes over a Unix socket (SCM_RIGHTS), with the
 receiver's settings as the runtime holds them at that moment. The worker process serves it
 as the runtime would, TLS handshake included, and through the same ingest. For what is
-counted across a listener's connections (`MaxConcurrentRequests`, a delivery being
-received) it asks the runtime, which answers from the listener's own counts. When the
-connection ends it says so, so that the runtime's connection counts, limits and `status`
-stay whole. On a listener's stop the runtime tells its worker processes, which close their
-connections of it that are between requests. A worker process that dies takes its
+counted across a listener's connections (`MaxAssociations`, `MaxConcurrentRequests`, a
+delivery being received) it asks the runtime, which answers from the listener's own counts.
+When the connection ends it says so, so that the runtime's connection counts, limits and
+`status` stay whole. On a listener's stop the runtime tells its worker processes (`stop`:
+close the STOW-RS connections between requests), and when the grace is over, `abort`
+(DICOM associations are aborted, as the runtime aborts its own). A worker process that dies takes its
 connections with it (their senders see them close before an answer: nothing they were told
 is stored is lost); the runtime ends their counts and releases what they held.
 
 The messages are JSON, one per SOCK_SEQPACKET datagram: `serve` (with the connection's
-descriptor), `done`, `admit`/`admitted`, `release`, `stop`.
+descriptor), `ready`, `done`, `admit`/`admitted`, `release`, `stop`, `abort`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 _MESSAGE_BYTES = 1 << 20  # a receiver's settings, with room to spare
 _ADMIT_SECONDS = 10.0  # a runtime that does not answer: not admitted
-_STOP_SECONDS = 30.0
+_STOP_SECONDS = 10.0  # as a listener's grace
+_ABORT_SECONDS = 5.0
 
 
 class Shared(Admission, Protocol):
@@ -108,8 +111,18 @@ class Handoff:
             if listener in self._listeners:
                 self._listeners.remove(listener)
             children = list(self._children.values())
+        self._tell("stop", listener, children)
+
+    def abort(self, listener: Shared) -> None:
+        """The listener's grace is over: its worker processes end its connections."""
+        with self._lock:
+            children = list(self._children.values())
+        self._tell("abort", listener, children)
+
+    @staticmethod
+    def _tell(op: str, listener: Shared, children: list[_Child]) -> None:
         for child in children:
-            _send(child.control, {"op": "stop", "workflow": listener.workflow_id})
+            _send(child.control, {"op": op, "workflow": listener.workflow_id})
 
     def offer(self, listener: Shared, connection: socket.socket, ended: Callable[[], None]) -> bool:
         """Hand `connection` to the worker process serving the fewest connections, if it
@@ -151,7 +164,7 @@ class Handoff:
                 if message.get("op") == "ready":
                     with self._lock:
                         self._children[child.boot] = child
-                    log.info("worker process %s takes STOW-RS connections", child.boot)
+                    log.info("worker process %s takes connections", child.boot)
                     continue
                 self._answer(child, message)
         finally:
@@ -214,7 +227,11 @@ class HandedListener(Protocol):
         ...
 
     def stop_handed(self) -> None:
-        """Close its handed connections that are between requests; refuse new requests."""
+        """Take no new requests on its handed connections; close those between requests."""
+        ...
+
+    def abort_handed(self) -> None:
+        """End its handed connections (the runtime's grace for them is over)."""
         ...
 
 
@@ -284,7 +301,7 @@ class Served:
                 if waiting is not None:
                     waiting[1][0] = bool(message.get("ok"))
                     waiting[0].set()
-            elif op == "stop":
+            elif op in ("stop", "abort"):
                 with self._lock:
                     stopping = [
                         listener
@@ -292,7 +309,7 @@ class Served:
                         if listener.workflow_id == message.get("workflow")
                     ]
                 for listener in stopping:
-                    listener.stop_handed()
+                    (listener.stop_handed if op == "stop" else listener.abort_handed)()
 
     def _serve(self, message: dict[str, Any], connection: socket.socket) -> None:
         token = int(message["token"])
@@ -328,18 +345,25 @@ class Served:
                 self._lock.notify_all()
 
     def stop(self) -> None:
-        """Close the connections between requests, wait for the others (bounded)."""
+        """Close the connections between requests, wait for the others (bounded), then end
+        what is left."""
         with self._lock:
             listeners = list(self._listeners.values())
         for listener in listeners:
             listener.stop_handed()
-        with self._lock:
-            self._lock.wait_for(lambda: not self._serving, timeout=_STOP_SECONDS)
+        if not self._idle(_STOP_SECONDS):
+            for listener in listeners:
+                listener.abort_handed()
+            self._idle(_ABORT_SECONDS)
         with contextlib.suppress(OSError):
             self.control.shutdown(socket.SHUT_RDWR)
         if self._reader is not None:
             self._reader.join(timeout=_STOP_SECONDS)
         self.control.close()
+
+    def _idle(self, seconds: float) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._serving, timeout=seconds)
 
 
 def _send(control: socket.socket, message: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 Upstream: supervisor (`soupflow run --processes N` starts N of them; its own process then
 only receives, so conversion and activities never hold the interpreter lock its
 associations need), cli (`soupflow work`, what each one runs). Downstream: workers, store,
-handoff (the STOW-RS connections the runtime hands them).
+handoff (the connections the runtime hands them).
 
 A worker process loads the workflows folder itself (and reloads it when it changes), leases
 from the shared queue with owners `node/boot/worker-N` of its own, and processes messages
@@ -38,18 +38,21 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from soupflow import durable, metrics
 from soupflow.ingest import Ingest
 from soupflow.network import Egress
+from soupflow.receivers.dicom import Listener
 from soupflow.receivers.stow import StowListener
-from soupflow.runtime.handoff import Handoff, Served
+from soupflow.runtime.handoff import HandedListener, Handoff, Served
 from soupflow.runtime.pacing import BACKLOG_LIMIT, Pacing
 from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
 from soupflow.store import Storage
 from soupflow.store.queue import Queue
 from soupflow.workflow.checks import check_egress
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
+from soupflow.workflow.model import StowRsReceiverSetting
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ class WorkerRuntime:
             self.pacing = Pacing(self.queue, self.backlog_limit)
             self.pacing.start()
             ingest = Ingest(spool, self.queue, on_queued=self.workers.wake, hold=self.pacing.hold)
-            self.served = Served(self.control, ingest, StowListener.from_settings)
+            self.served = Served(self.control, ingest, handed_listener)
             self.served.start()
         if self.metrics_file is not None:
             self._reporter = threading.Thread(
@@ -326,6 +329,16 @@ def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return ""
+
+
+def handed_listener(
+    workflow_id: str, settings: dict[str, Any], folder: Path, ingest: Ingest
+) -> HandedListener:
+    """The listener for a connection the runtime handed over, by its setting's `$type`."""
+    kind = str(settings.get("$type", "")).split(",", 1)[0].strip()
+    if kind == StowRsReceiverSetting.TYPE_NAME:
+        return StowListener.from_settings(workflow_id, settings, folder, ingest)
+    return Listener.from_settings(workflow_id, settings, folder, ingest)
 
 
 def _read_report(path: Path) -> list[metrics.ReportRow]:

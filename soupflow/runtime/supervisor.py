@@ -118,7 +118,7 @@ class Runtime:
         self.queue: Queue | None = None
         self.workers: Workers | None = None
         self.children: WorkerProcesses | None = None
-        # worker processes serve some of the listeners' connections (STOW-RS)
+        # worker processes serve some of the listeners' connections
         self.handoff = Handoff() if processes else None
         self._ingest: Ingest | None = None
         self._digests: dict[Path, str] = {}
