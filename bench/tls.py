@@ -6,9 +6,11 @@ dcmtk's storescu sends the same CT-sized instances (TCP_NODELAY=1) over one asso
 over four, with `+tls` and a client certificate for the TLS runs (mutual TLS on both
 receivers: soupflow `AuthenticationType` 2, Orthanc `DicomTlsRemoteCertificateRequired`).
 Certificates are made for the run (bench.certs). soupflow runs `--workers 0` (ingest only,
-each instance fsynced and queued before Success). Medians of the runs; every receiver is a
-fresh process per run. Reported: the rate, soupflow TLS / soupflow cleartext (the goal:
->= 0.8) and soupflow / Orthanc for the same transport; dcmtk's storescp (no fsync, with and
+each instance fsynced and queued before Success); "1 worker process" adds `--processes 1`,
+whose worker process serves some of the associations (timed once it says it takes them).
+Medians of the runs; every receiver is a fresh process per run. Reported: the rate, soupflow
+TLS / soupflow cleartext (the goal: >= 0.8) in one process and with a worker process, and
+soupflow / Orthanc for the same transport; dcmtk's storescp (no fsync, with and
 without `+tls`) shows what TLS costs this machine's cores on their own.
 """
 
@@ -33,7 +35,18 @@ from bench.ingest import NODELAY, free_port, soupflow_run
 
 _RECEIVER_ID = "e0000000-0000-4000-8000-000000000001"
 _READY_SECONDS = 30.0
-PATHS = ("soupflow", "soupflow TLS", "orthanc", "orthanc TLS", "dcmtk", "dcmtk TLS")
+SHARED = ", 1 worker process"  # `--processes 1`: it serves some of the associations
+PATHS = (
+    "soupflow",
+    "soupflow TLS",
+    f"soupflow{SHARED}",
+    f"soupflow TLS{SHARED}",
+    "orthanc",
+    "orthanc TLS",
+    "dcmtk",
+    "dcmtk TLS",
+)
+_SHARING = "takes connections"  # a worker process's line: it serves some from now on
 
 
 class Keys:
@@ -46,7 +59,7 @@ class Keys:
         return ["+tls", *map(str, self.client.pair), "-pw", "+cf", str(self.ca.path)]
 
 
-def _soupflow(folder: Path, port: int, keys: Keys | None) -> list[str]:
+def _soupflow(folder: Path, port: int, keys: Keys | None, *options: str) -> list[str]:
     workflows = folder / "workflows"
     workflows.mkdir()
     receiver: dict[str, object] = {
@@ -66,7 +79,7 @@ def _soupflow(folder: Path, port: int, keys: Keys | None) -> list[str]:
         }
     document = {"Name": "bench", "WorkflowId": _RECEIVER_ID, "WorkflowPattern": [receiver]}
     (workflows / "bench.json").write_text(json.dumps(document), encoding="utf-8")
-    return soupflow_run(workflows, folder / "data", "--workers", "0")
+    return soupflow_run(workflows, folder / "data", "--workers", "0", *options)
 
 
 def _orthanc(folder: Path, port: int, keys: Keys | None) -> list[str] | None:
@@ -121,14 +134,18 @@ def _echo(port: int, options: list[str]) -> bool:
 @contextmanager
 def receiving(path: str, work: Path, keys: Keys) -> Iterator[int | None]:
     """A fresh receiver for `path` answering C-ECHO (over TLS for the TLS paths): its port."""
-    secured = keys if path.endswith("TLS") else None
+    secured = keys if " TLS" in path else None
     options = keys.storescu_options() if secured else []
+    shared = path.endswith(SHARED)
     with tempfile.TemporaryDirectory(dir=work) as name:
         folder, port = Path(name), free_port()
-        make = {"soupflow": _soupflow, "orthanc": _orthanc, "dcmtk": _storescp}[
-            path.split(maxsplit=1)[0]
-        ]
-        argv = make(folder, port, secured)
+        kind = path.split(maxsplit=1)[0].rstrip(",")
+        if kind == "soupflow":
+            argv: list[str] | None = _soupflow(
+                folder, port, secured, *(("--processes", "1") if shared else ())
+            )
+        else:
+            argv = {"orthanc": _orthanc, "dcmtk": _storescp}[kind](folder, port, secured)
         if argv is None:
             yield None
             return
@@ -136,7 +153,8 @@ def receiving(path: str, work: Path, keys: Keys) -> Iterator[int | None]:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=NODELAY)
         try:
             deadline = time.monotonic() + _READY_SECONDS
-            while not _echo(port, options):
+            log_file = folder / "receiver.log"
+            while not _echo(port, options) or (shared and _SHARING not in log_file.read_text()):
                 if process.poll() is not None or time.monotonic() > deadline:
                     tail = (folder / "receiver.log").read_text(errors="replace")[-1500:]
                     raise RuntimeError(f"{path} did not answer C-ECHO\n{tail}")
@@ -181,7 +199,7 @@ def measure(
                 with receiving(path, work, keys) as port:
                     if port is None:
                         continue
-                    options = keys.storescu_options() if path.endswith("TLS") else []
+                    options = keys.storescu_options() if " TLS" in path else []
                     rate = send(port, files, associations, options)
                 rates.setdefault((path, associations), []).append(rate)
         report(f"run {number + 1} of {runs} done")
@@ -198,8 +216,10 @@ def table(
         "|---:|---|---:|---:|",
     ]
     for associations in levels:
-        ours = rates.get(("soupflow TLS", associations))
         for path in PATHS:
+            ours = rates.get(
+                (f"soupflow TLS{SHARED if path.endswith(SHARED) else ''}", associations)
+            )
             found = rates.get((path, associations))
             if not found:
                 lines.append(f"| {associations} | {path} | not installed | |")
