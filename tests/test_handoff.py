@@ -219,17 +219,29 @@ def test_a_handed_tls_connection_is_handshaken_and_checked_in_the_worker_process
 def test_removing_the_workflow_closes_the_idle_connections_of_both_processes(
     tmp_path: Path,
 ) -> None:
+    """...and a workflow that comes back is served by the worker process as new."""
     runtime = with_a_worker_process(tmp_path)
     port = runtime.ports[RECEIVER_ID]
     here, there = Client(port), Client(port)
+    workflow = tmp_path / "workflows" / "stow.json"
+    document = workflow.read_bytes()
     try:
         assert here.post(CT) == 200
         assert there.post(MR) == 200  # the worker process's, kept alive between requests
         wait_for(lambda: received_by_the_worker_process(runtime.data) == 1, "its report")
-        (tmp_path / "workflows" / "stow.json").unlink()
+        workflow.unlink()
         assert there.answer() == 0  # closed by the worker process, not left to time out
         assert here.answer() == 0
         wait_for(lambda: "stopped listening" in runtime.log_text(), "the listener to stop")
+        workflow.write_bytes(document)  # the same file again: a new listener
+        runtime.refresh(lambda rows: any(row["state"] == "listening" for row in rows))
+        port = runtime.ports[RECEIVER_ID]
+        here.close()
+        there.close()
+        here, there = Client(port), Client(port)
+        assert here.post(CT) == 200
+        assert there.post(MR) == 200  # not the stopped one's 503
+        wait_for(lambda: received_by_the_worker_process(runtime.data) == 2, "its report")
     finally:
         here.close()
         there.close()

@@ -262,7 +262,7 @@ class Served:
         self._answers: dict[int, tuple[threading.Event, list[bool]]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
-        self._serving = 0
+        self._running: dict[int, HandedListener] = {}  # by token: the connections served now
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -302,14 +302,17 @@ class Served:
                     waiting[1][0] = bool(message.get("ok"))
                     waiting[0].set()
             elif op in ("stop", "abort"):
-                with self._lock:
-                    stopping = [
-                        listener
-                        for listener in self._listeners.values()
-                        if listener.workflow_id == message.get("workflow")
-                    ]
-                for listener in stopping:
-                    (listener.stop_handed if op == "stop" else listener.abort_handed)()
+                self._end(str(message.get("workflow")), abort=op == "abort")
+
+    def _end(self, workflow_id: str, abort: bool) -> None:
+        """The runtime stopped the workflow's listener: its listeners here are forgotten (one
+        started again later is built anew) and each one serving a connection is told."""
+        with self._lock:
+            for key in [k for k, x in self._listeners.items() if x.workflow_id == workflow_id]:
+                del self._listeners[key]
+            serving = {id(x): x for x in self._running.values() if x.workflow_id == workflow_id}
+        for listener in serving.values():
+            (listener.abort_handed if abort else listener.stop_handed)()
 
     def _serve(self, message: dict[str, Any], connection: socket.socket) -> None:
         token = int(message["token"])
@@ -322,7 +325,7 @@ class Served:
                     listener = self._listeners[key] = self.build(
                         workflow_id, message["receiver"], Path(message["folder"]), self.ingest
                     )
-                self._serving += 1
+                self._running[token] = listener
         except Exception as exc:  # settings this version cannot read: the runtime's are newer
             log.error("cannot serve a connection of workflow %s: %s", workflow_id, exc)
             connection.close()
@@ -341,14 +344,14 @@ class Served:
         finally:
             _send(self.control, {"op": "done", "token": token})
             with self._lock:
-                self._serving -= 1
+                self._running.pop(token, None)
                 self._lock.notify_all()
 
     def stop(self) -> None:
         """Close the connections between requests, wait for the others (bounded), then end
         what is left."""
         with self._lock:
-            listeners = list(self._listeners.values())
+            listeners = list({id(x): x for x in self._running.values()}.values())
         for listener in listeners:
             listener.stop_handed()
         if not self._idle(_STOP_SECONDS):
@@ -363,7 +366,7 @@ class Served:
 
     def _idle(self, seconds: float) -> bool:
         with self._lock:
-            return self._lock.wait_for(lambda: not self._serving, timeout=seconds)
+            return self._lock.wait_for(lambda: not self._running, timeout=seconds)
 
 
 def _send(control: socket.socket, message: dict[str, Any]) -> None:
