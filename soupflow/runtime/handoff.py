@@ -127,7 +127,8 @@ class Handoff:
     def offer(self, listener: Shared, connection: socket.socket, ended: Callable[[], None]) -> bool:
         """Hand `connection` to the worker process serving the fewest connections, if it
         serves fewer than this one (`ended` is called when it is done); False: serve it
-        here. The caller counts it as its own either way."""
+        here (also when that process's socket is full: it is not reading). The caller
+        counts it as its own either way."""
         with self._lock:
             child = min(self._children.values(), key=lambda c: len(c.connections), default=None)
             if child is None:
@@ -145,9 +146,14 @@ class Handoff:
             "folder": str(listener.folder),
             "receiver": listener.settings(),
         }
-        try:
-            socket.send_fds(child.control, [json.dumps(header).encode()], [connection.fileno()])
-        except OSError:  # the child is gone
+        try:  # never waits: a worker process that is not reading is passed over
+            socket.send_fds(
+                child.control,
+                [json.dumps(header).encode()],
+                [connection.fileno()],
+                socket.MSG_DONTWAIT,
+            )
+        except OSError:  # the child is gone or not reading
             with self._lock:
                 mine = child.connections.pop(token, None) is not None
             if mine:
