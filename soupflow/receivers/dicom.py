@@ -181,10 +181,11 @@ class Listener:
         server = self._make_server(secure)
         if self._sharing is not None:
             server.hand = partial(self._sharing.offer, self)
-            self._sharing.share(self)
         server.start()
         self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
         self._server = server
+        if self._sharing is not None:  # once it listens: a failed start leaves nothing
+            self._sharing.share(self)
         log.info(
             "workflow %s listening on %s:%d as %s%s",
             self.workflow_id,

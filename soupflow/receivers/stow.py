@@ -243,10 +243,11 @@ class StowListener:
         sharing = self._sharing
         if sharing is not None:
             server.hand = partial(sharing.offer, self)
-            sharing.share(self)
         server.start()
         self.ingest.spool.incoming.mkdir(parents=True, exist_ok=True)
         self._server = server
+        if sharing is not None:  # once it listens: a failed start leaves nothing
+            sharing.share(self)
         log.info(
             "workflow %s listening on %s:%d for STOW-RS at /%s/studies%s",
             self.workflow_id,
