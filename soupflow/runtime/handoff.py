@@ -6,11 +6,10 @@ connections: `Shared`).
 
 One interpreter serves its connections under one interpreter lock: over several
 connections at once, ingest (STOW-RS, and DICOM over TLS above all) is bound by it long
-before the cores or the disk are.
-So the runtime stays the only process that binds, accepts and decides (who may connect, how
-many at once, with which certificate), and each connection it accepts goes to whichever
-process serves the fewest now: itself (on a tie, so that one connection costs nothing
-more) or one of its worker processes. It goes over a Unix socket (SCM_RIGHTS), with the
+before the cores or the disk are. So the runtime stays the only process that binds, accepts
+and decides (who may connect, how many at once, with which certificate), and each
+connection it accepts goes to whichever process serves the fewest now: itself (on a tie,
+so that one connection costs nothing more) or one of its worker processes. It goes over a Unix socket (SCM_RIGHTS), with the
 receiver's settings as the runtime holds them at that moment. The worker process serves it
 as the runtime would, TLS handshake included, and through the same ingest. For what is
 counted across a listener's connections (`MaxAssociations`, `MaxConcurrentRequests`, a
@@ -18,9 +17,9 @@ delivery being received) it asks the runtime, which answers from the listener's 
 When the connection ends it says so, so that the runtime's connection counts, limits and
 `status` stay whole. On a listener's stop the runtime tells its worker processes (`stop`:
 close the STOW-RS connections between requests), and when the grace is over, `abort`
-(DICOM associations are aborted, as the runtime aborts its own). A worker process that dies takes its
-connections with it (their senders see them close before an answer: nothing they were told
-is stored is lost); the runtime ends their counts and releases what they held.
+(DICOM associations are aborted, as the runtime aborts its own). A worker process that dies
+takes its connections with it (their senders see them close before an answer: nothing they
+were told is stored is lost); the runtime ends their counts and releases what they held.
 
 The messages are JSON, one per SOCK_SEQPACKET datagram: `serve` (with the connection's
 descriptor), `ready`, `done`, `admit`/`admitted`, `release`, `stop`, `abort`.
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_MESSAGE_BYTES = 1 << 20  # a receiver's settings, with room to spare
+_MESSAGE_BYTES = 64 * 1024  # a receiver's settings fit many times (a larger one: served here)
 _ADMIT_SECONDS = 10.0  # a runtime that does not answer: not admitted
 _STOP_SECONDS = 10.0  # as a listener's grace
 _ABORT_SECONDS = 5.0
@@ -146,13 +145,11 @@ class Handoff:
             "folder": str(listener.folder),
             "receiver": listener.settings(),
         }
+        data = json.dumps(header).encode()
         try:  # never waits: a worker process that is not reading is passed over
-            socket.send_fds(
-                child.control,
-                [json.dumps(header).encode()],
-                [connection.fileno()],
-                socket.MSG_DONTWAIT,
-            )
+            if len(data) > _MESSAGE_BYTES:
+                raise OSError("the receiver's settings are too large to hand over")
+            socket.send_fds(child.control, [data], [connection.fileno()], socket.MSG_DONTWAIT)
         except OSError:  # the child is gone or not reading
             with self._lock:
                 mine = child.connections.pop(token, None) is not None
