@@ -557,9 +557,10 @@ class StowListener:
             reason = "no closing boundary: the body is truncated" if body.parts else "no parts"
             _answer(http, connection, 400, _error_body(reason), close=True)
             return False
+        address, _, port = where.rpartition(":")  # "" when the peer left before we looked
         origin = Origin(
-            peer_address=where.rsplit(":", 1)[0],
-            peer_port=int(where.rsplit(":", 1)[1]) if ":" in where else 0,
+            peer_address=address,
+            peer_port=int(port) if port.isdigit() else 0,
             client_cert_sha256=certificate.sha256 if certificate else "",
             client_cert_subject=certificate.subject if certificate else "",
             transport=TRANSPORT,
