@@ -733,8 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes",
         type=int,
         default=int(os.environ.get("SOUPFLOW_PROCESSES", "0")),
-        help="worker processes, each with --workers threads, on the same queue; this "
-        "process then only receives (default: 0, the workers are threads of this process)",
+        help="worker processes, each with --workers threads, on the same queue; they also "
+        "serve some of the connections this process accepts (DICOM and STOW-RS), and this "
+        "process runs no workers (default: 0, the workers are threads of this process)",
     )
     runner.add_argument(
         "--backlog-limit",
@@ -825,8 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "work",
         help="a worker process (started by `run --processes`)",
-        description="Workers only, on the queue of a data folder that `soupflow run` receives "
-        "into: the workflows folder is loaded and watched, no listener is opened.",
+        description="Workers, on the queue of a data folder that `soupflow run` receives "
+        "into: the workflows folder is loaded and watched, no listener is opened (with "
+        "--control-fd, the connections that runtime hands over are served too).",
     )
     worker.add_argument("--workflows", type=Path, required=True)
     worker.add_argument("--data", type=Path, required=True)
