@@ -166,6 +166,16 @@ def report() -> list[ReportRow]:
     ]
 
 
+def added_up(reports: Iterable[Iterable[ReportRow]]) -> list[ReportRow]:
+    """Reports of several processes as one: each sample summed by family, name and labels."""
+    sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for rows in reports:
+        for family, name, labels, value in rows:
+            key = (family, name, tuple(sorted(labels.items())))
+            sums[key] = sums.get(key, 0.0) + value
+    return [(family, name, dict(labels), value) for (family, name, labels), value in sums.items()]
+
+
 class WithReports(Collector):
     """REGISTRY's metrics with what other processes reported added to its counters and
     histograms: one family per name, as Prometheus requires, summed by labels."""
@@ -175,11 +185,9 @@ class WithReports(Collector):
 
     def collect(self) -> Iterator[Metric]:
         added: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for rows in self._reports():
-            for family_name, sample_name, sample_labels, count in rows:
-                samples = added.setdefault(family_name, {})
-                key = (sample_name, tuple(sorted(sample_labels.items())))
-                samples[key] = samples.get(key, 0.0) + count
+        for family_name, sample_name, sample_labels, count in added_up(self._reports()):
+            key = (sample_name, tuple(sorted(sample_labels.items())))
+            added.setdefault(family_name, {})[key] = count
         for family in REGISTRY.collect():
             extra = added.get(family.name)
             if not extra or family.type not in _ADDED_UP:

@@ -33,26 +33,33 @@ class Admission(Protocol):
 class Sharing(Protocol):
     """Worker processes that may serve a listener's connections (runtime.handoff)."""
 
-    def share(self, listener: Any) -> None: ...
+    def share(self, listener: Receiver) -> None: ...
 
-    def unshare(self, listener: Any) -> None:
+    def unshare(self, listener: Receiver) -> None:
         """The listener stops: worker processes take no new requests for it and close its
         idle connections."""
         ...
 
-    def abort(self, listener: Any) -> None:
+    def abort(self, listener: Receiver) -> None:
         """Its grace is over: worker processes end what they still serve of it."""
         ...
 
-    def offer(self, listener: Any, connection: socket.socket, ended: Callable[[], None]) -> bool:
+    def offer(
+        self, listener: Receiver, connection: socket.socket, ended: Callable[[], None]
+    ) -> bool:
         """True when a worker process took the connection (`ended` is called when it is
         done with it); False: serve it here."""
         ...
 
 
-class Receiver(Protocol):
+class Receiver(Admission, Protocol):
     """One workflow's front door. `restart_key(setting)` names the fields it cannot take
-    while running; any other change goes through `update`."""
+    while running; any other change goes through `update`. In a worker process the same
+    class serves the connections its runtime hands over (`from_settings`, `serve_handed`);
+    its admissions (`admit`, `release`) count them wherever they are served."""
+
+    workflow_id: str
+    folder: Path
 
     def __init__(
         self, workflow_id: str, receiver: Any, host: str, ingest: Ingest, folder: Path
@@ -82,3 +89,21 @@ class Receiver(Protocol):
 
     def share(self, sharing: Sharing) -> None:
         """Let worker processes serve some of its connections (called before `start`)."""
+
+    @classmethod
+    def from_settings(
+        cls, workflow_id: str, settings: dict[str, Any], folder: Path, ingest: Ingest
+    ) -> Receiver:
+        """The listener a worker process serves handed connections with (`settings`)."""
+
+    def settings(self) -> dict[str, Any]:
+        """Its receiver setting as JSON (what a worker process builds its listener from)."""
+
+    def serve_handed(self, connection: socket.socket, admission: Admission) -> None:
+        """Serve a connection another process accepted, in this thread, until it ends."""
+
+    def stop_handed(self) -> None:
+        """Take no new requests on its handed connections; close those between requests."""
+
+    def abort_handed(self) -> None:
+        """End its handed connections (the runtime's grace for them is over)."""

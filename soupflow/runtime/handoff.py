@@ -1,8 +1,7 @@
 """Connections the runtime accepted, served in its worker processes (`run --processes N`).
 
-Upstream: supervisor and processes (the runtime's side, `Handoff`), cli (`soupflow work`,
-the worker process's side, `Served`). Downstream: receivers (a listener that shares its
-connections: `Shared`).
+Upstream: supervisor and processes (the runtime's side, `Handoff`; the worker process's
+side, `Served`). Downstream: receivers (each kind serves handed connections as its own).
 
 One interpreter serves its connections under one interpreter lock: over several
 connections at once, ingest (STOW-RS, and DICOM over TLS above all) is bound by it long
@@ -36,9 +35,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from soupflow.receivers.base import Admission
+from soupflow.receivers.base import Receiver
 
 if TYPE_CHECKING:
     from soupflow.ingest import Ingest
@@ -51,24 +50,10 @@ _STOP_SECONDS = 10.0  # as a listener's grace
 _ABORT_SECONDS = 5.0
 
 
-class Shared(Admission, Protocol):
-    """A listener whose connections worker processes may serve."""
-
-    workflow_id: str
-    folder: Path
-
-    @property
-    def active_connections(self) -> int: ...
-
-    def settings(self) -> dict[str, Any]:
-        """Its receiver setting as JSON (what a worker process builds its listener from)."""
-        ...
-
-
 # ---------------------------------------------------------------------- the runtime's side
 @dataclass
 class _Connection:
-    listener: Shared
+    listener: Receiver
     ended: Callable[[], None]
     held: list[str] = field(default_factory=list)
 
@@ -85,7 +70,7 @@ class Handoff:
 
     def __init__(self) -> None:
         self._children: dict[str, _Child] = {}
-        self._listeners: list[Shared] = []
+        self._listeners: list[Receiver] = []
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -99,11 +84,11 @@ class Handoff:
         ).start()
         return theirs
 
-    def share(self, listener: Shared) -> None:
+    def share(self, listener: Receiver) -> None:
         with self._lock:
             self._listeners.append(listener)
 
-    def unshare(self, listener: Shared) -> None:
+    def unshare(self, listener: Receiver) -> None:
         """The listener stopped: its worker processes close their connections of it that
         are between requests (the runtime waits for the rest as for its own)."""
         with self._lock:
@@ -112,18 +97,20 @@ class Handoff:
             children = list(self._children.values())
         self._tell("stop", listener, children)
 
-    def abort(self, listener: Shared) -> None:
+    def abort(self, listener: Receiver) -> None:
         """The listener's grace is over: its worker processes end its connections."""
         with self._lock:
             children = list(self._children.values())
         self._tell("abort", listener, children)
 
     @staticmethod
-    def _tell(op: str, listener: Shared, children: list[_Child]) -> None:
+    def _tell(op: str, listener: Receiver, children: list[_Child]) -> None:
         for child in children:
             _send(child.control, {"op": op, "workflow": listener.workflow_id})
 
-    def offer(self, listener: Shared, connection: socket.socket, ended: Callable[[], None]) -> bool:
+    def offer(
+        self, listener: Receiver, connection: socket.socket, ended: Callable[[], None]
+    ) -> bool:
         """Hand `connection` to the worker process serving the fewest connections, if it
         serves fewer than this one (`ended` is called when it is done); False: serve it
         here (also when that process's socket is full: it is not reading). The caller
@@ -220,25 +207,7 @@ def _end(connection: _Connection) -> None:
 
 
 # ------------------------------------------------------------- the worker process's side
-class HandedListener(Protocol):
-    """What a worker process builds from a `serve` message (receivers' `from_settings`)."""
-
-    workflow_id: str
-
-    def serve_handed(self, connection: socket.socket, admission: Admission) -> None:
-        """Serve a connection another process accepted, in this thread, until it ends."""
-        ...
-
-    def stop_handed(self) -> None:
-        """Take no new requests on its handed connections; close those between requests."""
-        ...
-
-    def abort_handed(self) -> None:
-        """End its handed connections (the runtime's grace for them is over)."""
-        ...
-
-
-Build = Callable[[str, dict[str, Any], Path, "Ingest"], HandedListener]
+Build = Callable[[str, dict[str, Any], Path, "Ingest"], Receiver]  # receivers.handed
 
 
 class _Remote:
@@ -261,11 +230,11 @@ class Served:
         self.control = control
         self.ingest = ingest
         self.build = build
-        self._listeners: dict[str, HandedListener] = {}  # by workflow and settings
+        self._listeners: dict[str, Receiver] = {}  # by workflow and settings
         self._answers: dict[int, tuple[threading.Event, list[bool]]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
-        self._running: dict[int, HandedListener] = {}  # by token: the connections served now
+        self._running: dict[int, Receiver] = {}  # by token: the connections served now
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -341,7 +310,7 @@ class Served:
             daemon=True,
         ).start()
 
-    def _run(self, listener: HandedListener, connection: socket.socket, token: int) -> None:
+    def _run(self, listener: Receiver, connection: socket.socket, token: int) -> None:
         try:
             listener.serve_handed(connection, _Remote(self, token))
         finally:

@@ -9,8 +9,8 @@ A worker process loads the workflows folder itself (and reloads it when it chang
 from the shared queue with owners `node/boot/worker-N` of its own, and processes messages
 exactly as the runtime's own workers do. It opens no listener: started with a control
 socket (`--control-fd`), it serves the connections its runtime hands it (runtime.handoff),
-into the incoming folder the runtime made and clears. The runtime watches its children: one that exits unexpectedly has its
-leases taken back at once (`Queue.recover` of its own `node/boot`) and is started again;
+into the incoming folder the runtime made and clears. The runtime watches its children: one
+that exits unexpectedly has its leases taken back at once (`Queue.recover` of its own `node/boot`) and is started again;
 one whose runtime exits stops too. An idle worker process looks at the queue every
 `POLL_SECONDS` (a message queued by the runtime waits at most that long).
 
@@ -38,21 +38,18 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from soupflow import durable, metrics
 from soupflow.ingest import Ingest
 from soupflow.network import Egress
-from soupflow.receivers.dicom import Listener
-from soupflow.receivers.stow import StowListener
-from soupflow.runtime.handoff import HandedListener, Handoff, Served
+from soupflow.receivers import handed
+from soupflow.runtime.handoff import Handoff, Served
 from soupflow.runtime.pacing import BACKLOG_LIMIT, Pacing
 from soupflow.runtime.workers import LEASE_SECONDS, RETENTION_DAYS, Workers, taken_back
 from soupflow.store import Storage
 from soupflow.store.queue import Queue
 from soupflow.workflow.checks import check_egress
 from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
-from soupflow.workflow.model import StowRsReceiverSetting
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +96,7 @@ class WorkerRuntime:
         self.pacing: Pacing | None = None
         self._reporting = threading.Event()
         self._reporter: threading.Thread | None = None
+        self._reported = b""
         self.lease_seconds, self.retention_days = lease_seconds, retention_days
         self.housekeeping = housekeeping
         self.workflows_folder = workflows
@@ -137,7 +135,7 @@ class WorkerRuntime:
             self.pacing = Pacing(self.queue, self.backlog_limit)
             self.pacing.start()
             ingest = Ingest(spool, self.queue, on_queued=self.workers.wake, hold=self.pacing.hold)
-            self.served = Served(self.control, ingest, handed_listener)
+            self.served = Served(self.control, ingest, handed)
             self.served.start()
         if self.metrics_file is not None:
             self._reporter = threading.Thread(
@@ -163,7 +161,9 @@ class WorkerRuntime:
     def _report(self) -> None:
         assert self.metrics_file is not None
         data = json.dumps(metrics.report()).encode("utf-8")
-        durable.replace(self.metrics_file, data, sync=False)
+        if data != self._reported:  # an idle process writes nothing
+            durable.replace(self.metrics_file, data, sync=False)
+            self._reported = data
 
     def reload(self) -> None:
         """Know the last good version of every workflow the folder has defined."""
@@ -291,14 +291,7 @@ class WorkerProcesses:
         if gone is None or departed is None or not gone.exists():
             return
         with self._reports_lock:
-            sums: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
-            for family, name, labels, value in _read_report(departed) + _read_report(gone):
-                key = (family, name, tuple(sorted(labels.items())))
-                sums[key] = sums.get(key, 0.0) + value
-            rows = [
-                [family, name, dict(labels), value]
-                for (family, name, labels), value in sums.items()
-            ]
+            rows = metrics.added_up([_read_report(departed), _read_report(gone)])
             try:
                 durable.replace(departed, json.dumps(rows).encode("utf-8"), sync=False)
             except OSError as exc:  # a full disk: its counts stay in its own file meanwhile
@@ -329,16 +322,6 @@ def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return ""
-
-
-def handed_listener(
-    workflow_id: str, settings: dict[str, Any], folder: Path, ingest: Ingest
-) -> HandedListener:
-    """The listener for a connection the runtime handed over, by its setting's `$type`."""
-    kind = str(settings.get("$type", "")).split(",", 1)[0].strip()
-    if kind == StowRsReceiverSetting.TYPE_NAME:
-        return StowListener.from_settings(workflow_id, settings, folder, ingest)
-    return Listener.from_settings(workflow_id, settings, folder, ingest)
 
 
 def _read_report(path: Path) -> list[metrics.ReportRow]:
