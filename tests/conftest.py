@@ -13,6 +13,19 @@ from tests.certs import Pki
 from tests.dicom import RuntimeProcess, unavailable
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the log of each runtime it started (a live one's
+    thread stacks first): a failure seen only in CI can be read from CI's output."""
+    report = yield
+    if call.when == "call" and report.failed:
+        for number, runtime in enumerate(RuntimeProcess.started, 1):
+            report.sections.append(
+                (f"soupflow run {number} (pid {runtime.process.pid})", runtime.last_words())
+            )
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _no_runtime_left_behind() -> Iterator[None]:
     yield

@@ -275,13 +275,23 @@ class RuntimeProcess:
         try:
             return self.process.wait(timeout=DEADLINE_SECONDS)
         except subprocess.TimeoutExpired:
-            self.process.send_signal(signal.SIGUSR1)  # its threads' stacks, into the log
-            with suppress(AssertionError):  # faulthandler writes at once, from C
-                wait_for(lambda: "most recent call first" in self.log_text(), "the stacks", 5)
             raise AssertionError(
                 f"soupflow run did not stop within {DEADLINE_SECONDS} s of SIGTERM:\n"
-                f"{self.log_text()[-20000:]}"
+                f"{self.last_words()}"
             ) from None
+
+    def last_words(self) -> str:
+        """The end of its log; while it runs, after its threads' stacks (SIGUSR1)."""
+        if self.process.poll() is None:
+            marks = self.log_text().count("most recent call first")
+            self.process.send_signal(signal.SIGUSR1)
+            with suppress(AssertionError):  # faulthandler writes at once, from C
+                wait_for(
+                    lambda: self.log_text().count("most recent call first") > marks,
+                    "the stacks",
+                    5,
+                )
+        return self.log.read_text(encoding="utf-8", errors="replace")[-20000:]
 
 
 class CutSender:
