@@ -3,7 +3,10 @@ pynetdicom SCP that counts associations and can abort one, and dcmtk's storescp.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -46,6 +49,8 @@ class Counting:
     established: int = 0
     released: int = 0
     aborted: int = 0
+    connected: int = 0  # connections open now
+    most_connected: int = 0
     stored: list[str] = field(default_factory=list)
     abort_on: set[int] = field(default_factory=set)  # abort at these store numbers (1-based)
     hold_after: int | None = None  # stores after this many wait for `gate` (a stalled PACS)
@@ -77,6 +82,14 @@ def counting_scp() -> Iterator[Counting]:
 
         return handler
 
+    def connections(change: int) -> Any:
+        def handler(event: Any) -> None:
+            with seen.lock:
+                seen.connected += change
+                seen.most_connected = max(seen.most_connected, seen.connected)
+
+        return handler
+
     ae = AE(ae_title="PACS")
     ae.add_supported_context(Verification)
     for sop_class in (CT, MR):
@@ -89,6 +102,8 @@ def counting_scp() -> Iterator[Counting]:
             (evt.EVT_ESTABLISHED, count("established")),
             (evt.EVT_RELEASED, count("released")),
             (evt.EVT_ABORTED, count("aborted")),
+            (evt.EVT_CONN_OPEN, connections(1)),
+            (evt.EVT_CONN_CLOSE, connections(-1)),
         ],
     )
     seen.port = server.server_address[1]
@@ -153,6 +168,75 @@ def test_without_keeping_associations_each_message_has_its_own(tmp_path: Path) -
         all_final(tmp_path / "data", 5)
         assert (pacs.established, pacs.released, len(pacs.stored)) == (5, 5, 5)
         runtime.terminate()
+
+
+def test_max_associations_holds_across_worker_processes(tmp_path: Path) -> None:
+    """Two worker processes with two workers each, to a PACS that takes one association
+    (`MaxAssociations` 1): the second process waits its turn instead of opening its own, and
+    then every message is delivered on its first attempt."""
+    files = images(tmp_path / "send", 12, 64, 64)
+    with counting_scp() as pacs:
+        pacs.hold_after = 0  # every store waits for the gate: the first association stays busy
+        document = forwarding(
+            pacs.port, MaxAssociations=1, KeepAssociationOpenSeconds=30, TimeoutSeconds=60
+        )
+        runtime = start(tmp_path, document, "--processes", "2", "--workers", "2")
+        assert send_files(runtime.port, files) == [0] * 12
+        wait_for(
+            lambda: "waiting for one" in runtime.log_text(),
+            "the other worker process to wait for the association",
+        )
+        assert pacs.most_connected == 1
+        pacs.gate.set()
+        messages = all_final(tmp_path / "data", 12)
+        assert {(m.state, m.attempts) for m in messages} == {(State.COMPLETED, 1)}
+        assert sorted(pacs.stored) == sorted(m.arrival.sop_instance_uid for m in messages)
+        assert pacs.most_connected == 1
+        assert runtime.terminate() == 0
+
+
+def _connected_to(pid: int, port: int) -> bool:
+    """Whether process `pid` has a TCP connection to `port` on loopback (/proc)."""
+    inodes = set()
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(descriptor)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+            return True
+    return False
+
+
+def test_a_worker_process_killed_holding_the_association_frees_it_for_the_other(
+    tmp_path: Path,
+) -> None:
+    files = images(tmp_path / "send", 8, 64, 64)
+    with counting_scp() as pacs:
+        pacs.hold_after = 0
+        document = forwarding(
+            pacs.port, MaxAssociations=1, KeepAssociationOpenSeconds=30, TimeoutSeconds=60
+        )
+        runtime = start(
+            tmp_path, document, "--processes", "2", "--workers", "2", "--lease-seconds", "3"
+        )
+        assert send_files(runtime.port, files) == [0] * 8
+        wait_for(lambda: "waiting for one" in runtime.log_text(), "a worker process to wait")
+        children = [
+            int(line.rsplit("pid ", 1)[1].rstrip(")"))
+            for line in runtime.log_text().splitlines()
+            if "started (pid" in line
+        ]
+        [holder] = [pid for pid in children if _connected_to(pid, pacs.port)]
+        os.kill(holder, signal.SIGKILL)
+        wait_for(lambda: pacs.established == 2, "the waiting worker process's association")
+        pacs.gate.set()
+        messages = all_final(tmp_path / "data", 8)
+        assert {m.state for m in messages} == {State.COMPLETED}
+        assert set(pacs.stored) == {m.arrival.sop_instance_uid for m in messages}
+        assert runtime.terminate() == 0
 
 
 class Pacs:

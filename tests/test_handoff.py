@@ -149,6 +149,9 @@ def test_connections_spread_over_the_processes_and_share_one_request_limit(
         # slot while its body is on the way.
         body = first.head(CT)
         first.socket.sendall(first.http.send(h11.Data(data=body[: len(body) // 2])))
+        wait_for(  # its part is being received: the request holds the slot
+            lambda: list((runtime.data / "incoming").glob("*.part")), "the first request's part"
+        )
         # The second goes to the worker process, which asks the runtime for the slot.
         assert second.post(MR) == 503
         assert first.finish(body[len(body) // 2 :]) == 200

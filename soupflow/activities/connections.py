@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import httpx
 
@@ -98,6 +98,28 @@ def still_open(connection: socket.socket) -> bool:
     return not readable  # an idle peer sends nothing; readable means EOF, reset or junk
 
 
+class Shared(Protocol):
+    """Associations counted across the worker processes of one runtime, which decides: so
+    that `MaxAssociations` holds for the destination, not for each process
+    (handoff.Served)."""
+
+    def take(self, key: str, limit: int, seconds: float) -> bool:
+        """One more association to `key` may open (False: none came free in `seconds`)."""
+
+    def give(self, key: str) -> None:
+        """One association to `key` closed."""
+
+
+def shared_key(destination: Destination) -> str:
+    """What names a destination across processes, and in the runtime's log: the AE at its
+    address, as whom and how it is called (not the timeout: the same PACS, the same limit)."""
+    secured = f" over TLS ({destination.tls_server_name})" if destination.tls_server_name else ""
+    return (
+        f"{destination.remote_aet} at {destination.host}:{destination.port} "
+        f"from {destination.our_aet}{secured}"
+    )
+
+
 @dataclass
 class _Destination:
     """The associations of one destination: how many are open, which of them are idle."""
@@ -105,6 +127,7 @@ class _Destination:
     open: int = 0
     idle: list[tuple[Association, float]] = field(default_factory=list)  # (it, close after)
     proposals: dict[Proposal, None] = field(default_factory=dict)  # every one asked for, in order
+    contended: bool = False  # another process waits for one: none is kept idle
 
 
 class AssociationPool:
@@ -115,13 +138,17 @@ class AssociationPool:
     the same destination needed (so one association soon serves a whole study's SOP
     classes). At most `limit` are open per destination: a caller beyond it waits for one to
     come back, or replaces an idle one that lacks its contexts. `give` keeps an association
-    for `keep_seconds`; `discard` aborts a broken one.
+    for `keep_seconds`; `discard` aborts a broken one. With `shared` (in a worker process)
+    each new association also waits its turn among the runtime's processes, and while
+    another process waits for one (`contend`), associations are released when their message
+    is done instead of kept.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._destinations: dict[Destination, _Destination] = {}
         self._changed = threading.Condition()
+        self.shared: Shared | None = None
 
     def take(
         self, destination: Destination, needs: list[Proposal], limit: int
@@ -143,7 +170,7 @@ class AssociationPool:
                     # otherwise never answer the second).
                     replaced, _ = entry.idle.pop(0)
                     closing.append(replaced)
-                    entry.open -= 1
+                    self._closed(destination, entry)
                 if entry.open < limit:
                     entry.open += 1
                     break
@@ -160,6 +187,18 @@ class AssociationPool:
             association.release()
         if found is not None:
             return found, True
+        shared = self.shared
+        if shared is not None and not shared.take(
+            shared_key(destination), limit, max(0.0, deadline - time.monotonic())
+        ):
+            with self._changed:
+                entry.open -= 1  # never opened: nothing to give back
+                self._changed.notify_all()
+            raise AssociationLostError(
+                f"no association to {destination} came free within "
+                f"{destination.timeout_seconds:g} s ({limit} open across the worker "
+                "processes: MaxAssociations)"
+            )
         try:
             return Association.open(destination, proposals), False
         except BaseException:
@@ -168,14 +207,25 @@ class AssociationPool:
 
     def give(self, association: Association, keep_seconds: float) -> None:
         """The caller is done with it: kept for `keep_seconds` (0: released now)."""
-        if keep_seconds <= 0 or association.closed:
-            association.release()
-            self._forget(association.destination)
-            return
         with self._changed:
             entry = self._destinations[association.destination]
-            entry.idle.append((association, self._clock() + keep_seconds))
-            self._changed.notify_all()
+            keep = keep_seconds > 0 and not association.closed and not entry.contended
+            if keep:
+                entry.idle.append((association, self._clock() + keep_seconds))
+                self._changed.notify_all()
+        if not keep:
+            association.release()
+            self._forget(association.destination)
+
+    def contend(self, key: str, contended: bool) -> None:
+        """Another worker process waits for an association to `key` (or no longer does):
+        the idle ones are released now and the busy ones when their message is done."""
+        with self._changed:
+            for destination, entry in self._destinations.items():
+                if shared_key(destination) == key:
+                    entry.contended = contended
+        if contended:
+            self._release_idle(lambda destination, until: shared_key(destination) == key)
 
     def discard(self, association: Association) -> None:
         """It broke (abort, timeout, reset): never used again."""
@@ -194,9 +244,8 @@ class AssociationPool:
     def close_all(self) -> None:
         self._release_idle(lambda destination, until: True)
 
-    @staticmethod
     def _usable(
-        entry: _Destination, needs: list[Proposal], closing: list[Association]
+        self, entry: _Destination, needs: list[Proposal], closing: list[Association]
     ) -> Association | None:
         """An idle association that proposed `needs` and is still open (most recent first);
         the ones the peer closed meanwhile go to `closing`."""
@@ -204,7 +253,7 @@ class AssociationPool:
             association, _ = entry.idle[index]
             if not association.still_open():
                 del entry.idle[index]
-                entry.open -= 1
+                self._closed(association.destination, entry)
                 closing.append(association)
             elif all(proposal in association.proposed for proposal in needs):
                 del entry.idle[index]
@@ -217,7 +266,8 @@ class AssociationPool:
             for destination, entry in self._destinations.items():
                 keep = [(a, until) for a, until in entry.idle if not expired(destination, until)]
                 doomed += [a for a, until in entry.idle if expired(destination, until)]
-                entry.open -= len(entry.idle) - len(keep)
+                for _ in range(len(entry.idle) - len(keep)):
+                    self._closed(destination, entry)
                 entry.idle = keep
             self._changed.notify_all()
         for association in doomed:
@@ -226,8 +276,14 @@ class AssociationPool:
 
     def _forget(self, destination: Destination) -> None:
         with self._changed:
-            self._destinations[destination].open -= 1
+            self._closed(destination, self._destinations[destination])
             self._changed.notify_all()
+
+    def _closed(self, destination: Destination, entry: _Destination) -> None:
+        """One association to `destination` is gone (the caller holds the lock)."""
+        entry.open -= 1
+        if self.shared is not None:  # a datagram on a local socket: it does not wait
+            self.shared.give(shared_key(destination))
 
 
 class Connections:

@@ -20,8 +20,16 @@ close the STOW-RS connections between requests), and when the grace is over, `ab
 takes its connections with it (their senders see them close before an answer: nothing they
 were told is stored is lost); the runtime ends their counts and releases what they held.
 
+The same socket keeps a DICOM sender's `MaxAssociations` for the destination, not for each
+process: a worker process asks the runtime before it opens an association (`take`) and says
+when one closes (`give`). The runtime grants in the order asked; while one waits, every
+worker process is told (`contended`) to release that destination's associations when their
+message is done instead of keeping them, so that none waits behind associations another
+keeps idle. A worker process that dies gives back what it held.
+
 The messages are JSON, one per SOCK_SEQPACKET datagram: `serve` (with the connection's
-descriptor), `ready`, `done`, `admit`/`admitted`, `release`, `stop`, `abort`.
+descriptor), `ready`, `done`, `admit`/`admitted`, `release`, `stop`, `abort`;
+`take`/`granted`, `give`, `cancel`, `contended`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import json
 import logging
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from soupflow.receivers.base import Receiver
 
 if TYPE_CHECKING:
+    from soupflow.activities.connections import AssociationPool
     from soupflow.ingest import Ingest
 
 log = logging.getLogger(__name__)
@@ -48,6 +59,7 @@ _MESSAGE_BYTES = 64 * 1024  # a receiver's settings fit many times (a larger one
 _ADMIT_SECONDS = 10.0  # a runtime that does not answer: not admitted
 _STOP_SECONDS = 10.0  # as a listener's grace
 _ABORT_SECONDS = 5.0
+_SAY_EVERY_SECONDS = 60.0  # a destination whose associations are contended says so this often
 
 
 # ---------------------------------------------------------------------- the runtime's side
@@ -65,6 +77,23 @@ class _Child:
     connections: dict[int, _Connection] = field(default_factory=dict)
 
 
+@dataclass
+class _Waiting:
+    child: _Child
+    id: int
+    limit: int
+
+
+@dataclass
+class _Senders:
+    """One destination's associations across the worker processes."""
+
+    held: Counter[str] = field(default_factory=Counter)  # by worker process
+    waiting: list[_Waiting] = field(default_factory=list)  # in the order asked
+    contended: bool = False  # what the holders were last told
+    said: float = float("-inf")  # when the wait was last logged
+
+
 class Handoff:
     """The runtime's side: its worker processes, and the connections handed to each."""
 
@@ -73,12 +102,16 @@ class Handoff:
         self._listeners: list[Receiver] = []
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
+        self._senders: dict[str, _Senders] = {}  # by destination (connections.shared_key)
+        self._starting: dict[str, _Child] = {}  # every child with a reader, ready or not
 
     def channel(self, boot: str) -> socket.socket:
         """A new worker process's end of its control socket (the caller passes it on and
         closes it); connections go to the process once it says it is ready."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child = _Child(boot, ours)
+        with self._lock:
+            self._starting[boot] = child
         threading.Thread(
             target=self._read, args=(child,), name=f"handoff {boot}", daemon=True
         ).start()
@@ -162,6 +195,9 @@ class Handoff:
 
     def _answer(self, child: _Child, message: dict[str, Any]) -> None:
         op, token, slot = message.get("op"), message.get("token"), str(message.get("slot"))
+        if op in ("take", "give", "cancel"):
+            self._sender(child, op, message)
+            return
         if not isinstance(token, int):
             return
         with self._lock:
@@ -183,13 +219,75 @@ class Handoff:
                 child.connections.pop(token, None)
             _end(connection)
 
+    # -------------------------------------------------- a DICOM sender's associations
+    def _sender(self, child: _Child, op: str, message: dict[str, Any]) -> None:
+        key, number, limit = str(message.get("key")), message.get("id"), message.get("limit")
+        grants: list[_Waiting] = []
+        with self._lock:
+            senders = self._senders.setdefault(key, _Senders())
+            if op == "take" and isinstance(number, int) and isinstance(limit, int):
+                senders.waiting.append(_Waiting(child, number, limit))
+            elif op == "cancel":
+                senders.waiting = [w for w in senders.waiting if (w.child, w.id) != (child, number)]
+            elif op == "give" and senders.held[child.boot] > 0:
+                senders.held[child.boot] -= 1
+            grants = self._grant(key, senders)
+        self._granted(key, grants)
+
+    def _grant(self, key: str, senders: _Senders) -> list[_Waiting]:
+        """Who may open one now, in the order asked; the processes are told when someone
+        starts or stops waiting (the caller holds the lock)."""
+        granted: list[_Waiting] = []
+        while senders.waiting and senders.held.total() < senders.waiting[0].limit:
+            first = senders.waiting.pop(0)
+            senders.held[first.child.boot] += 1
+            granted.append(first)
+        contended = bool(senders.waiting)
+        if contended != senders.contended:  # every process: one that holds none now may soon
+            senders.contended = contended
+            for each in self._starting.values():
+                _send(each.control, {"op": "contended", "key": key, "on": contended})
+        if contended and time.monotonic() - senders.said >= _SAY_EVERY_SECONDS:
+            senders.said = time.monotonic()
+            log.info(
+                "%d associations to %s open across the worker processes (MaxAssociations "
+                "%d), %d waiting for one: each is released when its message is done",
+                senders.held.total(),
+                key,
+                senders.waiting[0].limit,
+                len(senders.waiting),
+            )
+        if not senders.waiting and not senders.held.total():
+            del self._senders[key]
+        return granted
+
+    def _granted(self, key: str, grants: list[_Waiting]) -> None:
+        with self._lock:
+            senders = self._senders.get(key)
+            contended = senders is not None and senders.contended
+        for waiting in grants:
+            _send(
+                waiting.child.control,
+                {"op": "granted", "id": waiting.id, "key": key, "contended": contended},
+            )
+
     def _gone(self, child: _Child) -> None:
-        """The worker process exited (or closed its end): its connections are over."""
+        """The worker process exited (or closed its end): its connections are over, and the
+        associations it held are free."""
         with self._lock:
             if self._children.get(child.boot) is child:
                 del self._children[child.boot]
+            if self._starting.get(child.boot) is child:
+                del self._starting[child.boot]
             left = list(child.connections.values())
             child.connections.clear()
+            freed: list[tuple[str, list[_Waiting]]] = []
+            for key, senders in list(self._senders.items()):
+                senders.waiting = [w for w in senders.waiting if w.child is not child]
+                del senders.held[child.boot]
+                freed.append((key, self._grant(key, senders)))
+        for key, grants in freed:
+            self._granted(key, grants)
         for connection in left:
             _end(connection)
         child.control.close()
@@ -236,6 +334,14 @@ class Served:
         self._lock = threading.Condition()
         self._running: dict[int, Receiver] = {}  # by token: the connections served now
         self._reader: threading.Thread | None = None
+        self._grants: dict[int, tuple[threading.Event, list[bool]]] = {}  # `take`s, by id
+        self._pool: AssociationPool | None = None
+
+    def count_associations(self, pool: AssociationPool) -> None:
+        """`pool`'s new associations wait their turn among the runtime's processes (before
+        its workers start: every association it opens is counted)."""
+        self._pool = pool
+        pool.shared = self
 
     def start(self) -> None:
         self._reader = threading.Thread(target=self._read, name="handed connections", daemon=True)
@@ -253,7 +359,50 @@ class Served:
             self._answers.pop(number, None)
         return answer[0]
 
+    def take(self, key: str, limit: int, seconds: float) -> bool:
+        """Wait (at most `seconds`) for the runtime to let one more association to `key`
+        open (connections.Shared); False also when the runtime is gone."""
+        number = next(self._ids)
+        answered, answer = threading.Event(), [False]
+        with self._lock:
+            self._grants[number] = (answered, answer)
+        _send(self.control, {"op": "take", "id": number, "key": key, "limit": limit})
+        if not answered.wait(seconds):
+            with self._lock:
+                self._grants.pop(number, None)
+            if not answered.is_set():  # else granted (or ended) as it gave up
+                _send(self.control, {"op": "cancel", "id": number, "key": key})
+        return answer[0]
+
+    def give(self, key: str) -> None:
+        _send(self.control, {"op": "give", "key": key})
+
+    def _granted(self, message: dict[str, Any]) -> None:
+        key, number = str(message.get("key")), message.get("id")
+        with self._lock:
+            waiting = self._grants.pop(number, None) if isinstance(number, int) else None
+            if waiting is not None:
+                waiting[1][0] = True
+                waiting[0].set()
+        if waiting is None:  # it gave up waiting before the grant came: not needed
+            self.give(key)
+        elif message.get("contended") and self._pool is not None:
+            self._pool.contend(key, True)
+
+    def _no_more_grants(self) -> None:
+        """The runtime is gone: no `take` waits for it."""
+        with self._lock:
+            waiting, self._grants = list(self._grants.values()), {}
+        for answered, _ in waiting:
+            answered.set()
+
     def _read(self) -> None:
+        try:
+            self._read_until_gone()
+        finally:
+            self._no_more_grants()
+
+    def _read_until_gone(self) -> None:
         while True:
             try:
                 data, fds, _, _ = socket.recv_fds(self.control, _MESSAGE_BYTES, 1)
@@ -275,6 +424,10 @@ class Served:
                     waiting[0].set()
             elif op in ("stop", "abort"):
                 self._end(str(message.get("workflow")), abort=op == "abort")
+            elif op == "granted":
+                self._granted(message)
+            elif op == "contended" and self._pool is not None:
+                self._pool.contend(str(message.get("key")), bool(message.get("on")))
 
     def _end(self, workflow_id: str, abort: bool) -> None:
         """The runtime stopped the workflow's listener: its listeners here are forgotten (one

@@ -130,13 +130,14 @@ class WorkerRuntime:
             retention_days=self.retention_days,
             housekeeping=self.housekeeping,
         )
-        self.workers.start()
         if self.control is not None:
             self.pacing = Pacing(self.queue, self.backlog_limit)
             self.pacing.start()
             ingest = Ingest(spool, self.queue, on_queued=self.workers.wake, hold=self.pacing.hold)
             self.served = Served(self.control, ingest, handed)
+            self.served.count_associations(self.workers.connections.associations)
             self.served.start()
+        self.workers.start()
         if self.metrics_file is not None:
             self._reporter = threading.Thread(
                 target=self._report_loop, name="soupflow-metrics-report", daemon=True
