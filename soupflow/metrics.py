@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import version
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -82,6 +82,16 @@ ATTEMPTS = Counter(
     "soupflow_activity_attempts",
     "Activity attempts by outcome (success, transient, permanent).",
     ["workflow", "activity", "outcome"],
+    registry=REGISTRY,
+)
+WORKER_PROCESSES = Gauge(
+    "soupflow_worker_processes",
+    "Worker processes running (`run --processes N`; fewer while one waits to start again).",
+    registry=REGISTRY,
+)
+WORKER_EXITS = Counter(
+    "soupflow_worker_process_exits",
+    "Worker processes that exited while the runtime ran (each is started again).",
     registry=REGISTRY,
 )
 DURATION = Histogram(

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from bench.data import images, large_instance
@@ -49,8 +50,8 @@ class Counting:
     established: int = 0
     released: int = 0
     aborted: int = 0
-    connected: int = 0  # connections open now
-    most_connected: int = 0
+    associated: int = 0  # associations open now (until their A-RELEASE-RQ or abort)
+    most_associated: int = 0
     stored: list[str] = field(default_factory=list)
     abort_on: set[int] = field(default_factory=set)  # abort at these store numbers (1-based)
     hold_after: int | None = None  # stores after this many wait for `gate` (a stalled PACS)
@@ -82,13 +83,17 @@ def counting_scp() -> Iterator[Counting]:
 
         return handler
 
-    def connections(change: int) -> Any:
+    def associations(change: int) -> Any:
         def handler(event: Any) -> None:
             with seen.lock:
-                seen.connected += change
-                seen.most_connected = max(seen.most_connected, seen.connected)
+                seen.associated += change
+                seen.most_associated = max(seen.most_associated, seen.associated)
 
         return handler
+
+    def on_acse(event: Any) -> None:  # the A-RELEASE-RQ, before our answer lets another start
+        if isinstance(event.primitive, A_RELEASE) and event.primitive.result is None:
+            associations(-1)(event)
 
     ae = AE(ae_title="PACS")
     ae.add_supported_context(Verification)
@@ -102,8 +107,9 @@ def counting_scp() -> Iterator[Counting]:
             (evt.EVT_ESTABLISHED, count("established")),
             (evt.EVT_RELEASED, count("released")),
             (evt.EVT_ABORTED, count("aborted")),
-            (evt.EVT_CONN_OPEN, connections(1)),
-            (evt.EVT_CONN_CLOSE, connections(-1)),
+            (evt.EVT_ESTABLISHED, associations(1)),
+            (evt.EVT_ACSE_RECV, on_acse),
+            (evt.EVT_ABORTED, associations(-1)),
         ],
     )
     seen.port = server.server_address[1]
@@ -186,12 +192,12 @@ def test_max_associations_holds_across_worker_processes(tmp_path: Path) -> None:
             lambda: "waiting for one" in runtime.log_text(),
             "the other worker process to wait for the association",
         )
-        assert pacs.most_connected == 1
+        assert pacs.most_associated == 1
         pacs.gate.set()
         messages = all_final(tmp_path / "data", 12)
         assert {(m.state, m.attempts) for m in messages} == {(State.COMPLETED, 1)}
         assert sorted(pacs.stored) == sorted(m.arrival.sop_instance_uid for m in messages)
-        assert pacs.most_connected == 1
+        assert pacs.most_associated == 1
         assert runtime.terminate() == 0
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench.data import images
 from soupflow.store.queue import State
@@ -23,6 +24,7 @@ from tests.dicom import (
     wait_for,
 )
 from tests.documents import file_writer
+from tests.test_metrics import admin_url, get, samples, value
 
 
 def workflows(tmp_path: Path) -> Path:
@@ -92,6 +94,48 @@ def test_run_with_processes_restarts_a_worker_process_that_dies(tmp_path: Path) 
             not Path(f"/proc/{child}").exists()
             or "zombie" in Path(f"/proc/{child}/status").read_text()
         )
+
+
+def test_a_worker_process_that_keeps_exiting_is_started_again_later_each_time(
+    tmp_path: Path,
+) -> None:
+    """A crash loop is not a busy loop: early exits double the wait before the next start,
+    and a monitoring system sees the exits and the processes running."""
+    folder, data = workflows(tmp_path), tmp_path / "data"
+    runtime = RuntimeProcess(folder, data, "--processes", "1")
+
+    def started(count: int) -> int:
+        every: list[int] = wait_for(
+            lambda: found if len(found := pids(runtime)) >= count else None,
+            f"worker process number {count}",
+        )
+        return every[count - 1]
+
+    os.kill(started(1), signal.SIGKILL)
+    wait_for(lambda: "starting another in 1 s" in runtime.log_text(), "a 1 s wait")
+    os.kill(started(2), signal.SIGKILL)
+    wait_for(lambda: "starting another in 2 s" in runtime.log_text(), "a 2 s wait")
+    started(3)
+    scraped = wait_for(
+        lambda: found if value(found := scrape(runtime), "soupflow_worker_processes") else None,
+        "the third worker process to count",
+    )
+    assert value(scraped, "soupflow_worker_process_exits_total") == 2
+    assert runtime.terminate() == 0
+
+
+def pids(runtime: RuntimeProcess) -> list[int]:
+    return [
+        int(line.rsplit("pid ", 1)[1].rstrip(")"))
+        for line in runtime.log_text().splitlines()
+        if "started (pid" in line
+    ]
+
+
+def scrape(runtime: RuntimeProcess) -> dict[Any, float]:
+    code, text = get(admin_url(runtime.data) + "metrics")
+    assert code == 200
+    return samples(text)
 
 
 def test_run_with_processes_sweeps_once_for_all_of_them(tmp_path: Path) -> None:

@@ -54,6 +54,11 @@ from soupflow.workflow.load import LoadedWorkflow, load_file, workflow_paths
 log = logging.getLogger(__name__)
 
 _WATCH_SECONDS = 0.5
+# A worker process that exits within _STEADY_SECONDS of its start waits longer before the next
+# starts (1 s, doubled to _RESTART_LIMIT_SECONDS): one that cannot start (a queue it cannot
+# open, a broken install) is not started twice a second, each start a core's worth of imports.
+_STEADY_SECONDS = 30.0
+_RESTART_LIMIT_SECONDS = 60.0
 POLL_SECONDS = 0.02
 _STOP_SECONDS = 40.0  # a child's workers get 30 s to finish their messages
 REPORTS_FOLDER = "worker-metrics"
@@ -228,6 +233,9 @@ class WorkerProcesses:
         self.queue = queue
         self.node = node
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._started: dict[str, float] = {}  # by boot: when (monotonic)
+        self._due: list[float] = []  # when the next ones start (monotonic)
+        self._delay = 0.0  # before the next start after an early exit
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self._reports_lock = threading.Lock()  # a scrape never sees a report folded halfway
@@ -260,6 +268,8 @@ class WorkerProcesses:
         finally:
             if control is not None:
                 control.close()  # the child's end: the child has it now
+        self._started[boot] = time.monotonic()
+        metrics.WORKER_PROCESSES.set(len(self._children))
         log.info("worker process %s started (pid %d)", boot, self._children[boot].pid)
 
     def _watch(self) -> None:
@@ -267,14 +277,33 @@ class WorkerProcesses:
             for boot, child in list(self._children.items()):
                 if child.poll() is None or self._stopping.is_set():
                     continue
-                del self._children[boot]
-                log.error(
-                    "worker process %s exited with %s: starting another", boot, child.returncode
-                )
-                taken = self.queue.recover(f"{self.node}/{boot}", time.time())
-                taken_back(taken, f"worker process {boot} held")
-                self._fold(boot)
+                self._exited(boot, child.returncode)
+            now = time.monotonic()
+            while self._due and self._due[0] <= now and not self._stopping.is_set():
+                self._due.pop(0)
                 self._spawn()
+
+    def _exited(self, boot: str, code: int) -> None:
+        """Take back what it held, keep its counts, and start another: at once after a
+        steady run, later and later after early exits."""
+        del self._children[boot]
+        lived = time.monotonic() - self._started.pop(boot)
+        metrics.WORKER_PROCESSES.set(len(self._children))
+        metrics.WORKER_EXITS.inc()
+        steady = lived >= _STEADY_SECONDS
+        self._delay = 0.0 if steady else min(max(1.0, 2 * self._delay), _RESTART_LIMIT_SECONDS)
+        log.error(
+            "worker process %s exited with %s after %.1f s: starting another %s",
+            boot,
+            code,
+            lived,
+            "now" if steady else f"in {self._delay:g} s",
+        )
+        taken = self.queue.recover(f"{self.node}/{boot}", time.time())
+        taken_back(taken, f"worker process {boot} held")
+        self._fold(boot)
+        self._due.append(time.monotonic() + self._delay)
+        self._due.sort()
 
     def _report_file(self, boot: str) -> Path | None:
         return None if self.reports_folder is None else self.reports_folder / f"{boot}.json"
@@ -315,6 +344,7 @@ class WorkerProcesses:
                 child.kill()
                 child.wait()
         self._children.clear()
+        metrics.WORKER_PROCESSES.set(0)
 
 
 def digest(path: Path) -> str:
