@@ -170,7 +170,7 @@ class AssociationPool:
                     # otherwise never answer the second).
                     replaced, _ = entry.idle.pop(0)
                     closing.append(replaced)
-                    self._closed(destination, entry)
+                    entry.open -= 1
                 if entry.open < limit:
                     entry.open += 1
                     break
@@ -185,6 +185,7 @@ class AssociationPool:
             proposals = [*needs, *others[-(_MAX_PROPOSALS - len(needs)) :]]
         for association in closing:
             association.release()
+        self._give_back(closing)
         if found is not None:
             return found, True
         shared = self.shared
@@ -219,13 +220,15 @@ class AssociationPool:
 
     def contend(self, key: str, contended: bool) -> None:
         """Another worker process waits for an association to `key` (or no longer does):
-        the idle ones are released now and the busy ones when their message is done."""
+        from now on those given back are released, not kept (`release_idle_to` releases
+        the ones kept idle now)."""
         with self._changed:
             for destination, entry in self._destinations.items():
                 if shared_key(destination) == key:
                     entry.contended = contended
-        if contended:
-            self._release_idle(lambda destination, until: shared_key(destination) == key)
+
+    def release_idle_to(self, key: str) -> int:
+        return self._release_idle(lambda destination, until: shared_key(destination) == key)
 
     def discard(self, association: Association) -> None:
         """It broke (abort, timeout, reset): never used again."""
@@ -253,7 +256,7 @@ class AssociationPool:
             association, _ = entry.idle[index]
             if not association.still_open():
                 del entry.idle[index]
-                self._closed(association.destination, entry)
+                entry.open -= 1
                 closing.append(association)
             elif all(proposal in association.proposed for proposal in needs):
                 del entry.idle[index]
@@ -266,24 +269,28 @@ class AssociationPool:
             for destination, entry in self._destinations.items():
                 keep = [(a, until) for a, until in entry.idle if not expired(destination, until)]
                 doomed += [a for a, until in entry.idle if expired(destination, until)]
-                for _ in range(len(entry.idle) - len(keep)):
-                    self._closed(destination, entry)
+                entry.open -= len(entry.idle) - len(keep)
                 entry.idle = keep
             self._changed.notify_all()
         for association in doomed:
             association.release()
+        self._give_back(doomed)
         return len(doomed)
 
     def _forget(self, destination: Destination) -> None:
+        """One association to `destination` is closed (released, aborted, never opened)."""
         with self._changed:
-            self._closed(destination, self._destinations[destination])
+            self._destinations[destination].open -= 1
             self._changed.notify_all()
-
-    def _closed(self, destination: Destination, entry: _Destination) -> None:
-        """One association to `destination` is gone (the caller holds the lock)."""
-        entry.open -= 1
-        if self.shared is not None:  # a datagram on a local socket: it does not wait
+        if self.shared is not None:
             self.shared.give(shared_key(destination))
+
+    def _give_back(self, closed: list[Association]) -> None:
+        """Tell the runtime, once they are released (not before: its next grant could open
+        one while these are still open), and outside the lock."""
+        if self.shared is not None:
+            for association in closed:
+                self.shared.give(shared_key(association.destination))
 
 
 class Connections:

@@ -427,7 +427,15 @@ class Served:
             elif op == "granted":
                 self._granted(message)
             elif op == "contended" and self._pool is not None:
-                self._pool.contend(str(message.get("key")), bool(message.get("on")))
+                key, contended = str(message.get("key")), bool(message.get("on"))
+                self._pool.contend(key, contended)
+                if contended:  # each release waits for its A-RELEASE-RP: not in this reader
+                    threading.Thread(
+                        target=self._pool.release_idle_to,
+                        args=(key,),
+                        name="soupflow-contended",
+                        daemon=True,
+                    ).start()
 
     def _end(self, workflow_id: str, abort: bool) -> None:
         """The runtime stopped the workflow's listener: its listeners here are forgotten (one
