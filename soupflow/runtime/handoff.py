@@ -90,8 +90,7 @@ class _Senders:
 
     held: Counter[str] = field(default_factory=Counter)  # by worker process
     waiting: list[_Waiting] = field(default_factory=list)  # in the order asked
-    contended: bool = False  # what the holders were last told
-    said: float = float("-inf")  # when the wait was last logged
+    contended: bool = False  # what the worker processes were last told
 
 
 class Handoff:
@@ -104,6 +103,7 @@ class Handoff:
         self._lock = threading.Lock()
         self._senders: dict[str, _Senders] = {}  # by destination (connections.shared_key)
         self._starting: dict[str, _Child] = {}  # every child with a reader, ready or not
+        self._said: dict[str, float] = {}  # when a destination's wait was last logged
 
     def channel(self, boot: str) -> socket.socket:
         """A new worker process's end of its control socket (the caller passes it on and
@@ -247,8 +247,10 @@ class Handoff:
             senders.contended = contended
             for each in self._starting.values():
                 _send(each.control, {"op": "contended", "key": key, "on": contended})
-        if contended and time.monotonic() - senders.said >= _SAY_EVERY_SECONDS:
-            senders.said = time.monotonic()
+        if contended and time.monotonic() - self._said.get(key, float("-inf")) >= (
+            _SAY_EVERY_SECONDS
+        ):
+            self._said[key] = time.monotonic()
             log.info(
                 "%d associations to %s open across the worker processes (MaxAssociations "
                 "%d), %d waiting for one: each is released when its message is done",
