@@ -247,8 +247,9 @@ class AssociationPool:
     def close_all(self) -> None:
         self._release_idle(lambda destination, until: True)
 
+    @staticmethod
     def _usable(
-        self, entry: _Destination, needs: list[Proposal], closing: list[Association]
+        entry: _Destination, needs: list[Proposal], closing: list[Association]
     ) -> Association | None:
         """An idle association that proposed `needs` and is still open (most recent first);
         the ones the peer closed meanwhile go to `closing`."""

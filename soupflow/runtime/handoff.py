@@ -336,7 +336,6 @@ class Served:
         self._lock = threading.Condition()
         self._running: dict[int, Receiver] = {}  # by token: the connections served now
         self._reader: threading.Thread | None = None
-        self._grants: dict[int, tuple[threading.Event, list[bool]]] = {}  # `take`s, by id
         self._pool: AssociationPool | None = None
 
     def count_associations(self, pool: AssociationPool) -> None:
@@ -351,50 +350,55 @@ class Served:
         _send(self.control, {"op": "ready"})
 
     def ask(self, token: int, slot: str) -> bool:
-        number = next(self._ids)
-        event, answer = threading.Event(), [False]
-        with self._lock:
-            self._answers[number] = (event, answer)
-        _send(self.control, {"op": "admit", "id": number, "token": token, "slot": slot})
-        event.wait(_ADMIT_SECONDS)
-        with self._lock:
-            self._answers.pop(number, None)
-        return answer[0]
+        message = {"op": "admit", "token": token, "slot": slot}
+        return self._request(message, _ADMIT_SECONDS)
 
     def take(self, key: str, limit: int, seconds: float) -> bool:
         """Wait (at most `seconds`) for the runtime to let one more association to `key`
         open (connections.Shared); False also when the runtime is gone."""
+        message = {"op": "take", "key": key, "limit": limit}
+        return self._request(message, seconds, cancel={"op": "cancel", "key": key})
+
+    def _request(
+        self, message: dict[str, Any], seconds: float, cancel: dict[str, Any] | None = None
+    ) -> bool:
+        """Send `message` with an id of its own and wait (at most `seconds`) for the
+        runtime's yes or no; when none came, `cancel` (with that id) says it is not wanted."""
         number = next(self._ids)
         answered, answer = threading.Event(), [False]
         with self._lock:
-            self._grants[number] = (answered, answer)
-        _send(self.control, {"op": "take", "id": number, "key": key, "limit": limit})
-        if not answered.wait(seconds):
-            with self._lock:
-                self._grants.pop(number, None)
-            if not answered.is_set():  # else granted (or ended) as it gave up
-                _send(self.control, {"op": "cancel", "id": number, "key": key})
+            self._answers[number] = (answered, answer)
+        _send(self.control, {**message, "id": number})
+        answered.wait(seconds)
+        with self._lock:
+            self._answers.pop(number, None)
+        if not answered.is_set() and cancel is not None:  # else answered as it gave up
+            _send(self.control, {**cancel, "id": number})
         return answer[0]
+
+    def _answered(self, number: object, ok: bool) -> bool:
+        """Give a waiting request its answer; False when nobody waits for it any more."""
+        with self._lock:
+            waiting = self._answers.pop(number, None) if isinstance(number, int) else None
+            if waiting is not None:
+                waiting[1][0] = ok
+                waiting[0].set()
+        return waiting is not None
 
     def give(self, key: str) -> None:
         _send(self.control, {"op": "give", "key": key})
 
     def _granted(self, message: dict[str, Any]) -> None:
-        key, number = str(message.get("key")), message.get("id")
-        with self._lock:
-            waiting = self._grants.pop(number, None) if isinstance(number, int) else None
-            if waiting is not None:
-                waiting[1][0] = True
-                waiting[0].set()
-        if waiting is None:  # it gave up waiting before the grant came: not needed
+        key = str(message.get("key"))
+        if not self._answered(message.get("id"), True):  # it gave up waiting: not needed
             self.give(key)
         elif message.get("contended") and self._pool is not None:
             self._pool.contend(key, True)
 
-    def _no_more_grants(self) -> None:
-        """The runtime is gone: no `take` waits for it."""
+    def _no_more_answers(self) -> None:
+        """The runtime is gone: no request waits for it (each is a no)."""
         with self._lock:
-            waiting, self._grants = list(self._grants.values()), {}
+            waiting, self._answers = list(self._answers.values()), {}
         for answered, _ in waiting:
             answered.set()
 
@@ -402,7 +406,7 @@ class Served:
         try:
             self._read_until_gone()
         finally:
-            self._no_more_grants()
+            self._no_more_answers()
 
     def _read_until_gone(self) -> None:
         while True:
@@ -419,11 +423,7 @@ class Served:
             if op == "serve" and fds:
                 self._serve(message, socket.socket(fileno=fds[0]))
             elif op == "admitted":
-                with self._lock:
-                    waiting = self._answers.get(message.get("id"))
-                if waiting is not None:
-                    waiting[1][0] = bool(message.get("ok"))
-                    waiting[0].set()
+                self._answered(message.get("id"), bool(message.get("ok")))
             elif op in ("stop", "abort"):
                 self._end(str(message.get("workflow")), abort=op == "abort")
             elif op == "granted":
