@@ -12,7 +12,7 @@ from tests.dicom import unavailable
 def test_message_benchmark_smoke() -> None:
     results = message.main(["--smoke"])
     assert [name for name, _, _ in results] == [
-        "CT_small (CT header, 32 KB pixels)",
+        "a CT series from CT_small (32 KB pixels)",
         "SR with 300 content items",
     ]
     assert all(ours > 0 and theirs > 0 for _, ours, theirs in results)

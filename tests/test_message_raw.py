@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from soupflow.dicom.part10 import read_object
 from soupflow.message import convert as conversion
@@ -91,3 +94,58 @@ def test_a_long_text_value_is_kept_by_both_readers(tmp_path: Path) -> None:
     for found in (read, through_pydicom):
         (long_text,) = (element for element in found if element.tag == 0x00189917)
         assert long_text.value == ("long " * 8000).rstrip()
+
+
+def _series(tmp_path: Path, count: int, edit: Callable[[Dataset, int], None]) -> list[Path]:
+    """`count` objects of one CT series made from pydicom's CT_small, each changed by `edit`."""
+    paths = []
+    for number in range(count):
+        dataset = dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        edit(dataset, number)
+        path = tmp_path / f"{number}.dcm"
+        dataset.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def test_the_objects_of_a_series_share_the_elements_they_have_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    def position(dataset: Dataset, number: int) -> None:
+        dataset.ImagePositionPatient = [0, 0, number]
+
+    first, second = (read_elements(path) for path in _series(tmp_path, 2, position))
+    assert first is not None and second is not None
+    pairs = {element.tag: (element, other) for element, other in zip(first, second, strict=True)}
+    study, _ = pairs[0x0020000D]  # StudyInstanceUID: the same bytes, read once
+    assert study is pairs[0x0020000D][1]
+    for tag in (0x00080018, 0x00200032):  # SOPInstanceUID, ImagePositionPatient: read each time
+        element, other = pairs[tag]
+        assert element is not other and element.value != other.value
+
+
+def test_a_value_changed_in_one_message_does_not_reach_the_next(tmp_path: Path) -> None:
+    """Elements and their JSON values are shared between objects; a message's are its own."""
+    paths = _series(tmp_path, 2, lambda _dataset, _number: None)
+    first = convert(paths[0], records.arrival(), Options())
+    expected = render(convert(paths[1], records.arrival(), Options()))
+    first["Tags"]["ImagePositionPatient"].append(99)
+    first["Tags"]["ImageType"][0] = "CHANGED"
+    assert render(convert(paths[1], records.arrival(), Options())) == expected
+
+
+def test_the_same_bytes_under_another_character_set_are_read_again(tmp_path: Path) -> None:
+    name, written = "Buc^J\u00e9r\u00f4me", "Buc^J##r$$me"  # as many bytes as its UTF-8
+
+    def character_set(dataset: Dataset, number: int) -> None:
+        dataset.SpecificCharacterSet = "ISO_IR 192" if number else "ISO_IR 100"
+        dataset.PatientName = written
+
+    paths = _series(tmp_path, 2, character_set)
+    for path in paths:  # the same PatientName bytes in both objects
+        data = path.read_bytes().replace(b"##", "\u00e9".encode()).replace(b"$$", "\u00f4".encode())
+        path.write_bytes(data)
+    latin, utf8 = (convert(path, records.arrival(), Options()) for path in paths)
+    assert latin["Tags"]["PatientName"] == name.encode("utf_8").decode("latin_1")
+    assert utf8["CommonFields"]["PatientName"] == utf8["Tags"]["PatientName"] == name

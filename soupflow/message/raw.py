@@ -45,6 +45,13 @@ _VR_TEXT = {vr: vr.decode() for vr in LONG_VRS | SHORT_VRS}
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _CHARACTER_SET = 0x00080005
 _MAX_NESTING = 32
+# The objects of a series repeat most of their header byte for byte: an element read once is
+# handed again to the objects after it (by tag, VR, bytes and character set). Bounded in
+# count and in value size; the values are PHI and stay in this process's memory, like the
+# messages themselves.
+_SEEN: dict[tuple[int, str, bytes, str], Element] = {}
+_SEEN_LIMIT = 8192
+_SEEN_VALUE_BYTES = 256
 # pydicom's default encoding ("iso8859") is Latin-1; ISO_IR 192 is UTF-8.
 _ENCODINGS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf_8"}
 _NUMBERS = {
@@ -121,12 +128,12 @@ class _Reader:
             if length == UNDEFINED_LENGTH:
                 raise _UnsupportedError
             offset = self._within(value_at, length, end)
-            value = _decode(vr, view[value_at:offset], self.encoding)
+            element = self._element(tag, vr, view[value_at:offset])
             if tag == _CHARACTER_SET:
                 if depth > 0:
                     raise _UnsupportedError
-                self.encoding = _encoding(value)
-            found.append(Element(tag, vr, value))
+                self.encoding = _encoding(element.value)
+            found.append(element)
         if delimited:
             raise _UnsupportedError  # an undefined-length item without its delimiter
         return found, offset
@@ -138,6 +145,18 @@ class _Reader:
         if self.implicit and group != 0xFFFE:
             return tag, _dictionary_vr(tag), length, value_at
         return tag, _VR_TEXT.get(vr, ""), length, value_at
+
+    def _element(self, tag: int, vr: str, data: bytes) -> Element:
+        """The element with these bytes: the one read before, or read now."""
+        key = (tag, vr, data, self.encoding)
+        element = _SEEN.get(key)
+        if element is None:
+            element = Element(tag, vr, _decode(vr, data, self.encoding))
+            if len(data) <= _SEEN_VALUE_BYTES:
+                if len(_SEEN) >= _SEEN_LIMIT:
+                    _SEEN.clear()
+                _SEEN[key] = element
+        return element
 
     def _within(self, value_at: int, length: int, end: int) -> int:
         if value_at + length > end:

@@ -17,6 +17,10 @@ from pydicom.datadict import keyword_for_tag
 from soupflow.message.values import Element, Notes, item_elements, tag_text, values_of
 
 _PERSON_NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+# An element's keyword-format value, by the Element (message.raw shares one among objects
+# whose element has the same bytes). Bounded; lists are copied out, never shared.
+_KEYWORD_VALUES: dict[Element, Any] = {}
+_KEYWORD_VALUES_LIMIT = 8192
 
 
 @cache
@@ -47,10 +51,14 @@ def _keyword_value(element: Element, notes: Notes) -> Any:
         return {"BulkData": {"VR": element.vr, "Length": element.bulk_length}}
     if element.vr == "SQ":
         return [keyword_tags(item_elements(item, notes), notes) for item in element.value or []]
-    values = values_of(element)
-    if not values:
-        return ""
-    return values[0] if len(values) == 1 else values
+    value = _KEYWORD_VALUES.get(element)
+    if value is None:
+        values = values_of(element)
+        value = "" if not values else values[0] if len(values) == 1 else values
+        if len(_KEYWORD_VALUES) >= _KEYWORD_VALUES_LIMIT:
+            _KEYWORD_VALUES.clear()
+        _KEYWORD_VALUES[element] = value
+    return list(value) if type(value) is list else value
 
 
 def dicom_json(found: Iterable[Element], notes: Notes) -> dict[str, Any]:

@@ -45,9 +45,13 @@ class Notes:
             self.warnings.append(text)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Element:
-    """One element ready for JSON: its tag, VR, and either a value or a bulk length."""
+    """One element ready for JSON: its tag, VR, and either a value or a bulk length.
+
+    Compared and hashed by identity: message.raw hands the same Element to every object
+    whose element has the same bytes, and message.tags remembers its JSON value by it.
+    """
 
     tag: int
     vr: str
