@@ -451,7 +451,7 @@ def main(arguments: list[str] | None = None) -> list[str]:
             count, tiny_count, large_bytes, runs, rate = 500, 2000, 300_000_000, args.runs, 100.0
             ct = images(work / "ct", count, 512, 512)
         tiny = images(work / "tiny", tiny_count, 32, 32)
-        nagle = tiny[: max(4, tiny_count // 10)]
+        nagle = tiny[: max(4, tiny_count // 25)]
         scenarios = [
             Scenario("CT-sized, 1 association", ct),
             Scenario("CT-sized, 4 associations", ct, associations=4),
@@ -468,7 +468,7 @@ def main(arguments: list[str] | None = None) -> list[str]:
         if chosen("latency"):
             lines += [
                 "",
-                *latency_table(tiny[: max(4, tiny_count // 5)], rate, runs, work, receivers),
+                *latency_table(tiny[: max(4, tiny_count // 8)], rate, runs, work, receivers),
             ]
             report("latency done")
         if chosen("end to end") and "soupflow" in receivers:
