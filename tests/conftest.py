@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from bench.postgres import PostgresCluster, UnavailableError
+from tests import reactor
 from tests.certs import Pki
 from tests.dicom import RuntimeProcess, unavailable
+
+reactor.install()  # pynetdicom's SCU without its reactor race (tests/reactor.py)
 
 
 @pytest.hookimpl(wrapper=True)
