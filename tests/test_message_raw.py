@@ -11,6 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from bench.message import structured_report
 from soupflow.dicom.part10 import read_object
 from soupflow.message import convert as conversion
 from soupflow.message.convert import Options, convert, render
@@ -71,13 +72,18 @@ def test_a_character_set_it_does_not_handle_is_left_to_pydicom(tmp_path: Path) -
     assert fields["PatientName"] == CYRILLIC_NAME
 
 
-def test_an_sr_is_read_by_pydicom_for_its_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    path = Path(get_testdata_file("test-SR.dcm"))
-    assert read_elements(path) is not None
-    message = convert(path, records.arrival(), Options())
-    assert "Report" in message
-    direct, through_pydicom = _both(path, Options(), monkeypatch)
-    assert direct == through_pydicom
+@pytest.mark.parametrize("items", [0, 1, 30])
+def test_an_srs_report_is_the_same_read_raw_or_through_pydicom(
+    items: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TEXT, CODE and NUM items (bench.message's SR) and pydicom's own test-SR.dcm."""
+    generated = structured_report(tmp_path / "sr.dcm", items)
+    assert len(convert(generated, records.arrival(), Options())["Report"]["Items"]) == items
+    for path in (Path(get_testdata_file("test-SR.dcm")), generated):
+        assert read_elements(path) is not None  # the Report is read from the raw elements
+        assert "Report" in convert(path, records.arrival(), Options())
+        direct, through_pydicom = _both(path, Options(), monkeypatch)
+        assert direct == through_pydicom
 
 
 def test_a_long_text_value_is_kept_by_both_readers(tmp_path: Path) -> None:
@@ -149,3 +155,39 @@ def test_the_same_bytes_under_another_character_set_are_read_again(tmp_path: Pat
     latin, utf8 = (convert(path, records.arrival(), Options()) for path in paths)
     assert latin["Tags"]["PatientName"] == name.encode("utf_8").decode("latin_1")
     assert utf8["CommonFields"]["PatientName"] == utf8["Tags"]["PatientName"] == name
+
+
+def test_an_srs_other_value_types_are_the_same_read_raw_or_through_pydicom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = structured_report(tmp_path / "sr.dcm", 3)
+    dataset = dcmread(path)
+    extra = []
+    for value_type, keyword, value in [
+        ("PNAME", "PersonName", "Doe^Jane^^Dr"),
+        ("DATE", "Date", "20261203"),
+        ("UIDREF", "UID", "1.2.3.4"),
+        ("NUM", None, None),
+    ]:
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", value_type
+        if keyword:
+            setattr(item, keyword, value)
+        extra.append(item)
+    by_reference = Dataset()
+    by_reference.RelationshipType = "INFERRED FROM"
+    by_reference.ReferencedContentItemIdentifier = [1, 2]
+    image = Dataset()
+    image.RelationshipType, image.ValueType = "CONTAINS", "IMAGE"
+    referenced = Dataset()
+    referenced.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    referenced.ReferencedSOPInstanceUID = "1.2.3.4.5"
+    image.ReferencedSOPSequence = [referenced]
+    dataset.ContentSequence[0].ContentSequence = [*extra, by_reference, image]
+    dataset.save_as(path)
+    assert read_elements(path) is not None
+    items = convert(path, records.arrival(), Options())["Report"]["Items"][0]["Items"]
+    assert [item["Value"] for item in items][:3] == ["Doe^Jane^^Dr", "20261203", "1.2.3.4"]
+    assert items[4]["ReferencedContentItem"] == "1.2"
+    direct, through_pydicom = _both(path, Options(), monkeypatch)
+    assert direct == through_pydicom

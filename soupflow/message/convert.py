@@ -16,19 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from soupflow.dicom.part10 import MalformedObjectError, read_object
 from soupflow.message.raw import read_elements
-from soupflow.message.report import is_structured_report, report
+from soupflow.message.report import Item, RawItem, is_structured_report, report
 from soupflow.message.tags import dataset_tags
 from soupflow.message.values import Element, Notes, elements, text_of
 from soupflow.store.queue import Arrival, Origin
 from soupflow.workflow.model import DicomMessageTypeOptions
 
 VERSION = 1
-CONTENT_SEQUENCE = 0x0040A730  # an SR's content tree: the Report node reads it through pydicom
+CONTENT_SEQUENCE = 0x0040A730  # an SR's content tree: the Report node reads it
 
 COMMON_FIELDS = (
     "PatientID",
@@ -132,11 +131,14 @@ def convert(path: Path, arrival: Arrival, options: Options) -> dict[str, Any]:
     message: dict[str, Any] = {"Version": VERSION, "Association": _association(arrival)}
     notes = Notes()
     found = read_elements(path)  # the plain objects, without pydicom
-    dataset = None
-    if found is None or (options.report and any(e.tag == CONTENT_SEQUENCE for e in found)):
+    tree: Item | None = None  # an SR's content tree, for the Report node
+    if found is not None and options.report and any(e.tag == CONTENT_SEQUENCE for e in found):
+        tree = RawItem(found)
+    if found is None:
         try:
             dataset = read_object(path)
             found = list(elements(dataset, notes))
+            tree = dataset
         except (
             MalformedObjectError,
             Exception,
@@ -151,15 +153,15 @@ def convert(path: Path, arrival: Arrival, options: Options) -> dict[str, Any]:
             return message
     if options.common_fields:
         message["CommonFields"] = _common_fields({element.tag: element for element in found})
-    if options.report and dataset is not None:
-        _add_report(dataset, message, notes)
+    if options.report and tree is not None:
+        _add_report(tree, message, notes)
     if options.tags:
         message["Tags"] = dataset_tags(found, notes, options.tags_format)
     message["Association"]["Warnings"] = notes.warnings
     return message
 
 
-def _add_report(dataset: Dataset, message: dict[str, Any], notes: Notes) -> None:
+def _add_report(dataset: Item, message: dict[str, Any], notes: Notes) -> None:
     try:
         if is_structured_report(dataset):
             message["Report"] = report(dataset)

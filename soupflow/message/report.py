@@ -2,29 +2,64 @@
 
 Upstream: message.convert. Present only for SR documents (root ValueType CONTAINER with a
 ContentSequence). Every item has `Value` as a display string; typed extras sit beside it.
+The tree is read from a pydicom Dataset or, for the plain objects, from message.raw's
+elements (`RawItem`): the same Report either way (tests/test_message_raw.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID
+
+from soupflow.message.values import Element
 
 _INDENT = "  "
 
 
-def is_structured_report(dataset: Dataset) -> bool:
+class Item(Protocol):
+    """What the Report reads of a dataset or an item: a pydicom Dataset is one."""
+
+    def get(self, keyword: str, default: Any = None) -> Any: ...
+
+    def __contains__(self, keyword: str) -> bool: ...
+
+
+class RawItem:
+    """message.raw's elements of a dataset or an item, read as report() reads a Dataset:
+    values as the raw reader decoded them (pydicom's), sequences as lists of items."""
+
+    def __init__(self, elements: list[Element]) -> None:
+        self._elements = {element.tag: element for element in elements}
+
+    def _element(self, keyword: str) -> Element | None:
+        tag = tag_for_keyword(keyword)
+        return None if tag is None else self._elements.get(tag)
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        element = self._element(keyword)
+        if element is None:
+            return default
+        if element.vr == "SQ":
+            return [RawItem(item) for item in element.value or []]
+        return element.value
+
+    def __contains__(self, keyword: str) -> bool:
+        return self._element(keyword) is not None
+
+
+def is_structured_report(dataset: Item) -> bool:
     return str(dataset.get("ValueType", "")) == "CONTAINER" and "ContentSequence" in dataset
 
 
-def _text(dataset: Dataset, keyword: str) -> str:
+def _text(dataset: Item, keyword: str) -> str:
     value = dataset.get(keyword)
     return "" if value is None else str(value)
 
 
-def _code(sequence_owner: Dataset, keyword: str) -> dict[str, str] | None:
+def _code(sequence_owner: Item, keyword: str) -> dict[str, str] | None:
     sequence = sequence_owner.get(keyword)
     if not sequence:
         return None
@@ -37,21 +72,21 @@ def _code(sequence_owner: Dataset, keyword: str) -> dict[str, str] | None:
     }
 
 
-def report(dataset: Dataset) -> dict[str, Any]:
+def report(dataset: Item) -> dict[str, Any]:
     title = _code(dataset, "ConceptNameCodeSequence")
     node: dict[str, Any] = {"Title": title["Meaning"] if title else ""}
     if title:
         node["TitleCode"] = title
     for keyword in ("CompletionFlag", "VerificationFlag", "ContentDate", "ContentTime"):
         node[keyword] = _text(dataset, keyword)
-    node["Items"] = [_item(child) for child in dataset.ContentSequence]
+    node["Items"] = [_item(child) for child in dataset.get("ContentSequence")]
     lines = [node["Title"]] if node["Title"] else []
     _render(node["Items"], 0, lines)
     node["Text"] = "\n".join(lines)
     return node
 
 
-def _item(dataset: Dataset) -> dict[str, Any]:
+def _item(dataset: Item) -> dict[str, Any]:
     value_type = _text(dataset, "ValueType")
     name = _code(dataset, "ConceptNameCodeSequence")
     item: dict[str, Any] = {
@@ -62,7 +97,7 @@ def _item(dataset: Dataset) -> dict[str, Any]:
     if name:
         item["NameCode"] = name
     if "ReferencedContentItemIdentifier" in dataset:
-        identifiers = dataset.ReferencedContentItemIdentifier
+        identifiers = dataset.get("ReferencedContentItemIdentifier")
         identifiers = (
             identifiers
             if isinstance(identifiers, list | tuple) or hasattr(identifiers, "__iter__")
@@ -73,11 +108,11 @@ def _item(dataset: Dataset) -> dict[str, Any]:
     else:
         item.update(_typed_value(dataset, value_type))
     if "ContentSequence" in dataset:
-        item["Items"] = [_item(child) for child in dataset.ContentSequence]
+        item["Items"] = [_item(child) for child in dataset.get("ContentSequence")]
     return item
 
 
-def _typed_value(dataset: Dataset, value_type: str) -> dict[str, Any]:
+def _typed_value(dataset: Item, value_type: str) -> dict[str, Any]:
     if value_type == "TEXT":
         return {"Value": _text(dataset, "TextValue")}
     if value_type == "CODE":
@@ -116,7 +151,7 @@ def _typed_value(dataset: Dataset, value_type: str) -> dict[str, Any]:
     return {"Value": ""}
 
 
-def _numeric(dataset: Dataset) -> dict[str, Any]:
+def _numeric(dataset: Item) -> dict[str, Any]:
     measured = dataset.get("MeasuredValueSequence")
     if not measured:
         return {"Value": ""}
