@@ -306,7 +306,11 @@ def _run(args: argparse.Namespace) -> int:
         daemon=True,
     )
     watcher.start()
-    stopping.wait()
+    # In slices, not one wait: the kernel hands SIGTERM to any thread of the process when the
+    # main thread has a signal pending already, and Python runs the handler only once the
+    # main thread wakes (a main thread asleep in `wait()` never would).
+    while not stopping.wait(0.5):
+        continue
     log = logging.getLogger("soupflow")
     log.info("stopping: no new associations; finishing the stores in progress")
     runtime.stop()

@@ -272,12 +272,18 @@ class RuntimeProcess:
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
+        return self.exit_status()
+
+    def exit_status(self) -> int:
+        """Its exit status, once the SIGTERM sent to it has stopped it (killed, if it did not
+        stop within the deadline: the assertion says so, with its threads' stacks)."""
         try:
             return self.process.wait(timeout=DEADLINE_SECONDS)
         except subprocess.TimeoutExpired:
+            words = self.last_words()
+            self.kill()
             raise AssertionError(
-                f"soupflow run did not stop within {DEADLINE_SECONDS} s of SIGTERM:\n"
-                f"{self.last_words()}"
+                f"soupflow run did not stop within {DEADLINE_SECONDS} s of SIGTERM:\n{words}"
             ) from None
 
     def last_words(self) -> str:

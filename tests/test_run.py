@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import socket
+from contextlib import suppress
 from pathlib import Path
 
 from bench.scu import associate_request, read_pdu
@@ -57,6 +60,35 @@ def test_sigterm_stops_cleanly_and_a_public_cleartext_listener_is_refused(
     assert "cleartext on 0.0.0.0" in log and "refused" in log
     assert "nothing listens yet (watching for files)" in log
     assert "stopping" in log
+
+
+def test_sigterm_taken_by_a_thread_other_than_the_main_one_still_stops_it(
+    tmp_path: Path,
+) -> None:
+    """The kernel hands a process's signal to any thread that does not block it (the main
+    thread first, unless it already has one pending): the main thread must see it anyway."""
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    documents.write(workflows / "intake.json", documents.workflow(Port=0))
+    runtime = RuntimeProcess(workflows, tmp_path / "data")
+    pid = runtime.process.pid
+    tasks = Path(f"/proc/{pid}/task")
+
+    def watcher_thread() -> int | None:
+        """The file watcher's inotify thread, once the main thread sleeps: by then the main
+        thread has started the watcher and is in its wait for a signal."""
+        state = (tasks / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        for task in tasks.iterdir():
+            with suppress(FileNotFoundError):  # a thread that has just ended
+                if "notify" in (task / "comm").read_text() and state == "S":
+                    return int(task.name)
+        return None
+
+    watcher = wait_for(watcher_thread, "the main thread waiting for a signal")
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.tgkill(pid, watcher, signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+    assert runtime.exit_status() == 0
+    assert "stopping" in runtime.log_text()
 
 
 def test_sigusr1_prints_where_every_thread_is_and_the_runtime_keeps_running(
