@@ -44,8 +44,13 @@ lint: $(STAMP)
 # Tests run in TEST_WORKERS processes (pytest-xdist; each test still owns its ports and
 # folders, each worker its own PostgreSQL cluster). TEST_WORKERS=0 runs them in this one.
 TEST_WORKERS ?= 2
+# `soupflow run` starts a worker process by default on more than one core: the runtimes of
+# these files run again with their workers as threads of the runtime (`--processes 0`).
+IN_PROCESS_TESTS = tests/test_processing.py tests/test_durability.py \
+	tests/test_association_reuse.py tests/test_pacing.py tests/test_run.py tests/test_admin.py
 test: lint peers
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	SOUPFLOW_PROCESSES=0 $(BIN)/python -m pytest -n $(TEST_WORKERS) $(IN_PROCESS_TESTS)
 
 # Speed measured side by side with a baseline in one run (see BENCHMARKS.md).
 bench: $(STAMP) peers

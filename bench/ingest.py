@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench.data import images, large_instance
 from bench.scu import StoreClient
+from soupflow.cli import default_processes
 
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
 NAGLE = {name: value for name, value in os.environ.items() if name != "TCP_NODELAY"}
@@ -188,7 +189,9 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], log: Path | None = N
 
 def _worker_processes(argv: object) -> int:
     words = [str(word) for word in argv] if isinstance(argv, list) else []
-    return int(words[words.index("--processes") + 1]) if "--processes" in words else 0
+    if "--processes" in words:
+        return int(words[words.index("--processes") + 1])
+    return default_processes() if "run" in words else 0
 
 
 def _ready_processes(log: Path) -> int:

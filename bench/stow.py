@@ -7,7 +7,7 @@ keep-alive connection (K = 1 and 4), one POST per instance (`multipart/related;
 type="application/dicom"`, one part), CT-sized instances (bench.data.images); `--client
 httpx` uses httpx in K threads instead (a Python client that shares the two cores' interpreter
 time with nothing but itself, yet costs more CPU per request than curl). soupflow runs
-`--workers 0`: each instance fsynced and queued before the answer (Orthanc does not fsync);
+`--workers 0 --processes 0`: each instance fsynced and queued before the answer (Orthanc does not fsync);
 "soupflow, 1 worker process" adds `--processes 1`, whose worker process serves some of the
 connections (timed once it says it takes them). Then one large instance (1 GB; 20 MB in smoke mode)
 POSTed to soupflow with its Content-Length, streamed from the file: MB/s and the
@@ -83,11 +83,11 @@ def receiving(receiver: str, work: Path) -> Iterator[tuple[str, int] | None]:
     """A fresh receiver whose STOW-RS answers: (its base URL, pid), or None if absent."""
     with tempfile.TemporaryDirectory(dir=work) as name:
         folder, port = Path(name), free_port()
-        processes = ("--processes", "1") if receiver == "soupflow, 1 worker process" else ()
+        sharing = receiver == "soupflow, 1 worker process"
         if receiver == "orthanc":
             made = _orthanc(folder, port)
         else:
-            made = _soupflow(folder, port, *processes)
+            made = _soupflow(folder, port, "--processes", "1" if sharing else "0")
         if made is None:
             yield None
             return
@@ -97,7 +97,7 @@ def receiving(receiver: str, work: Path) -> Iterator[tuple[str, int] | None]:
         try:
             deadline = time.monotonic() + _READY_SECONDS
             log_file = folder / "receiver.log"
-            while not _answers(base) or (processes and _SHARING not in log_file.read_text()):
+            while not _answers(base) or (sharing and _SHARING not in log_file.read_text()):
                 if process.poll() is not None or time.monotonic() > deadline:
                     tail = (folder / "receiver.log").read_text(errors="replace")[-1500:]
                     raise RuntimeError(f"{receiver} did not answer\n{tail}")

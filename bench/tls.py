@@ -5,7 +5,7 @@
 dcmtk's storescu sends the same CT-sized instances (TCP_NODELAY=1) over one association and
 over four, with `+tls` and a client certificate for the TLS runs (mutual TLS on both
 receivers: soupflow `AuthenticationType` 2, Orthanc `DicomTlsRemoteCertificateRequired`).
-Certificates are made for the run (bench.certs). soupflow runs `--workers 0` (ingest only,
+Certificates are made for the run (bench.certs). soupflow runs `--workers 0 --processes 0` (ingest only,
 each instance fsynced and queued before Success); "1 worker process" adds `--processes 1`,
 whose worker process serves some of the associations (timed once it says it takes them).
 Medians of the runs; every receiver is a fresh process per run. Reported: the rate, soupflow
@@ -142,7 +142,7 @@ def receiving(path: str, work: Path, keys: Keys) -> Iterator[int | None]:
         kind = path.split(maxsplit=1)[0].rstrip(",")
         if kind == "soupflow":
             argv: list[str] | None = _soupflow(
-                folder, port, secured, *(("--processes", "1") if shared else ())
+                folder, port, secured, "--processes", "1" if shared else "0"
             )
         else:
             argv = {"orthanc": _orthanc, "dcmtk": _storescp}[kind](folder, port, secured)

@@ -118,6 +118,15 @@ def _event_lines(json_lines: bool = False, quiet_stores: bool = False) -> thread
     return stopping
 
 
+def default_processes() -> int:
+    """`run --processes` unless given: SOUPFLOW_PROCESSES, else one worker process when this
+    process may run on more than one core (conversion and activities then never take the
+    interpreter lock from the listeners), else none."""
+    if "SOUPFLOW_PROCESSES" in os.environ:
+        return int(os.environ["SOUPFLOW_PROCESSES"])
+    return 1 if len(os.sched_getaffinity(0)) > 1 else 0
+
+
 def _egress_options(parser: argparse.ArgumentParser) -> None:
     """`--allowed-tcp` and `--allowed-http`: where activities may connect (loopback always)."""
     for option, variable, what in (
@@ -736,10 +745,11 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument(
         "--processes",
         type=int,
-        default=int(os.environ.get("SOUPFLOW_PROCESSES", "0")),
+        default=default_processes(),
         help="worker processes, each with --workers threads, on the same queue; they also "
         "serve some of the connections this process accepts (DICOM and STOW-RS), and this "
-        "process runs no workers (default: 0, the workers are threads of this process)",
+        "process runs no workers (default: 1 on a machine with more than one core, else 0; "
+        "0: the workers are threads of this process)",
     )
     runner.add_argument(
         "--backlog-limit",

@@ -209,6 +209,7 @@ class RuntimeProcess:
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                process_group=0,  # its worker processes with it: kill() kills them all
                 # a free admin port: runtimes of other tests (or `make run`) may hold the default
                 env={
                     "SOUPFLOW_ADMIN": "127.0.0.1:0",
@@ -266,8 +267,9 @@ class RuntimeProcess:
         raise AssertionError("no VmHWM in /proc status")
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        """kill -9 of the runtime and its worker processes at once, as a crash would."""
+        with suppress(ProcessLookupError):  # all of them gone already
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=DEADLINE_SECONDS)
 
     def terminate(self) -> int:

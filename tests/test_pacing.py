@@ -152,10 +152,14 @@ def test_a_sender_faster_than_delivery_is_paced_and_everything_arrives(tmp_path:
     peer = HttpPeer(answer_after=0.05)  # a destination that takes 50 ms a message
     runtime = _run_forwarding(tmp_path, peer, "--backlog-limit", str(LIMIT))
     try:
-        # 120 sent at full speed take longer than the first delivery and a sample or two
+        # once the workers deliver (a worker process takes a second to start), 120 sent at
+        # full speed take longer than a delivery and a sample or two
+        storescu_send(runtime.port, CT)
+        wait_for(lambda: peer.requests, "the first delivery")
         storescu_send(runtime.port, *[CT] * 120)
-        wait_for(lambda: len(peer.requests) == 120, "all 120 delivered")
-        assert _held_seconds(runtime) > 0
+        wait_for(lambda: len(peer.requests) == 121, "all 121 delivered")
+        # a worker process serving the association reports its counts each second
+        wait_for(lambda: _held_seconds(runtime) > 0, "the held seconds counted")
         assert f"over the backlog limit of {LIMIT}" in runtime.log_text()
     finally:
         runtime.kill()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import images
+from soupflow.runtime.processes import WorkerRuntime
 from soupflow.store.queue import State
 from soupflow.store.spool import Spool
 from soupflow.store.sqlite import SqliteQueue
+from soupflow.workflow.load import LoadedWorkflow
 from tests import documents
 from tests.dicom import (
     DEADLINE_SECONDS,
@@ -43,6 +46,14 @@ def states(data: Path) -> list[State]:
         return [message.state for message in queue.messages()]
     finally:
         queue.close()
+
+
+def ended(pid: int) -> bool:
+    """`pid` has exited (gone, or a zombie its new parent has not reaped)."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
 
 
 def test_a_worker_process_works_the_queue_a_runtime_fills(tmp_path: Path) -> None:
@@ -90,10 +101,51 @@ def test_run_with_processes_restarts_a_worker_process_that_dies(tmp_path: Path) 
         if "started (pid" in line
     ]
     for child in children:  # none outlives the runtime
-        assert (
-            not Path(f"/proc/{child}").exists()
-            or "zombie" in Path(f"/proc/{child}/status").read_text()
+        assert ended(child)
+
+
+def test_a_worker_process_runs_the_version_of_the_file_as_it_is_when_a_message_comes(
+    tmp_path: Path,
+) -> None:
+    """Without waiting for its own file watcher (not running here): the runtime, whose
+    watcher saw the change first, may already have received a message under it."""
+    folder = workflows(tmp_path)
+    path = folder / "intake.json"
+    worker = WorkerRuntime(folder, tmp_path / "data", workers=0, node="n", boot="b")
+    worker.reload()
+    [workflow_id] = worker.known
+    written = "out/${SOPInstanceUID}.dcm"
+    assert written in json.dumps(_current(worker, workflow_id).document)
+    for version, written in enumerate(["out/b/${SOPInstanceUID}.dcm", "out/cc/${X}.dcm"]):
+        changed = documents.workflow(
+            file_writer(FilePathToWrite=written), Port=0, AcceptedCallingAETs="*"
         )
+        if version:  # an operator's editor: rewritten in place
+            documents.write(path, changed)
+        else:  # as an operator should: a new file renamed over the old one
+            documents.write(folder / ".intake.json.tmp", changed)
+            os.replace(folder / ".intake.json.tmp", path)
+        assert written in json.dumps(_current(worker, workflow_id).document)
+    path.write_text("{ half-written", encoding="utf-8")  # the last good version stays
+    assert written in json.dumps(_current(worker, workflow_id).document)
+    path.unlink()  # so it does once the file is gone (messages already queued complete)
+    assert written in json.dumps(_current(worker, workflow_id).document)
+
+
+def _current(worker: WorkerRuntime, workflow_id: str) -> LoadedWorkflow:
+    loaded = worker.current(workflow_id)
+    assert loaded is not None
+    return loaded
+
+
+def test_a_worker_process_whose_runtime_was_killed_stops(tmp_path: Path) -> None:
+    runtime = RuntimeProcess(workflows(tmp_path), tmp_path / "data", "--processes", "1")
+    wait_for(lambda: " ready: " in runtime.log_text(), "the worker process to be ready")
+    [child] = children(runtime.process.pid)
+    runtime.process.kill()  # the runtime alone: its worker process is not signalled
+    runtime.process.wait(timeout=DEADLINE_SECONDS)
+    wait_for(lambda: ended(child), "the worker process to stop")
+    assert "its runtime exited" in runtime.log_text()
 
 
 def test_a_worker_process_that_keeps_exiting_is_started_again_later_each_time(

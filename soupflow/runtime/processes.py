@@ -114,6 +114,7 @@ class WorkerRuntime:
         self.queue: Queue | None = None
         self.workers: Workers | None = None
         self._digests: dict[Path, str] = {}
+        self._stats: dict[Path, tuple[int, int, int]] = {}  # each file as last read
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -125,7 +126,7 @@ class WorkerRuntime:
             self.queue,
             spool,
             self.data,
-            self.known.get,
+            self.current,
             self.worker_count,
             owner_prefix=f"{self.node}/{self.boot}",
             keep_objects=self.keep_objects,
@@ -178,6 +179,8 @@ class WorkerRuntime:
                 workflow_paths([self.workflows_folder]) if self.workflows_folder.is_dir() else []
             )
             for path in paths:
+                if (signature := _signature(path)) is not None:
+                    self._stats[path] = signature
                 content = digest(path)
                 if self._digests.get(path) == content:
                     continue
@@ -186,6 +189,22 @@ class WorkerRuntime:
                 check_egress(loaded, self.egress)
                 if loaded.valid and loaded.workflow_id is not None and loaded.receiver:
                     self.known[loaded.workflow_id] = loaded
+
+    def current(self, workflow_id: str) -> LoadedWorkflow | None:
+        """The last good version of `workflow_id` as its file is now. The runtime applies a
+        new version as soon as its own watcher sees the file change; this process's watcher
+        may see it later, and a message the runtime received after the change must not run
+        the version before it here. A stat per message; a read only when the file changed."""
+        loaded = self.known.get(workflow_id)
+        if loaded is None or self._changed(loaded.path):
+            self.reload()
+            loaded = self.known.get(workflow_id)
+        return loaded
+
+    def _changed(self, path: Path) -> bool:
+        """`path` differs from when it was last read (a file gone keeps its last version)."""
+        signature = _signature(path)
+        return signature is not None and signature != self._stats.get(path)
 
     def stop(self) -> None:
         with self._lock:
@@ -345,6 +364,15 @@ class WorkerProcesses:
                 child.wait()
         self._children.clear()
         metrics.WORKER_PROCESSES.set(0)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written or replaced: inode, size, modification time."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def digest(path: Path) -> str:
